@@ -1,0 +1,123 @@
+"""Typed configuration schema.
+
+These dataclasses are registered in Hydra's ConfigStore as ``base_config``; ``configs/config.yaml``
+composes on top of it, so a misspelt key or a wrong type fails before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt"  # gpt (more families: see megatrain.models.registry)
+    size: Optional[str] = "gpt2-tiny"  # a named size of the family; explicit dims below override it
+    n_layers: Optional[int] = None
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
+    d_ff: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
+    max_seq_len: Optional[int] = None  # None: the size's default
+    dropout: float = 0.0
+    attn_impl: str = "auto"  # auto | flash_attn | sdpa | eager
+
+
+@dataclass
+class DataConfig:
+    # A folder written by megatrain-prepare, or "stdlib": the embedded default corpus, prepared
+    # on first use into cache_dir.
+    train: str = "stdlib"
+    eval: Optional[str] = None  # None: the eval shards of the train folder
+    seq_len: int = 256
+    objective: str = "clm"
+    num_workers: int = 1
+    shuffle: bool = True
+    cache_dir: Optional[str] = None  # None: $MEGATRAIN_CACHE or ~/.cache/megatrain
+    vocab_size: int = 4096  # vocabulary for a corpus that is prepared on first use
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | wsd | constant
+    min_lr_ratio: float = 0.1
+    total_steps: Optional[int] = None  # None: trainer.max_steps
+    wsd_decay_fraction: float = 0.2  # wsd: the share of total_steps spent decaying at the end
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 200
+    eval_steps: int = 20
+    save_every: int = 500
+    keep_last: int = 2
+    activation_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
+    sample_prompt: Optional[str] = None  # print a generated sample at the end of training
+    sample_tokens: int = 200
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "megatrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # a progress bar on an interactive terminal
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "outputs/${run.name}"
+    resume: str = "auto"  # auto | never | a checkpoint path
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # Hydra adds this key when an experiment is chosen; it carries no settings of its own.
+    experiment: Optional[Any] = None
+
+
+def register_configs() -> None:
+    """Register the schema so ``configs/config.yaml`` can list ``base_config`` first."""
+    ConfigStore.instance().store(name="base_config", node=Config)

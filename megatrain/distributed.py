@@ -1,0 +1,94 @@
+"""Where this process sits in the job: torchrun, SLURM or a single process.
+
+The trainer reads the environment (launch scripts only build commands). Everything here is
+plain data plus two functions: ``detect_world`` and ``init_distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_world() -> World:
+    """Read rank and world size from torchrun's variables, else SLURM's, else one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                     "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                     int(env["SLURM_NTASKS"]), "slurm")
+    return World(0, 0, 1, "single")
+
+
+def device_for(world: World) -> torch.device:
+    """One GPU per local rank when there are GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export_rendezvous(world: World) -> None:
+    """torch.distributed's env:// init needs these; torchrun sets them, the others don't."""
+    env = os.environ
+    env.setdefault("RANK", str(world.rank))
+    env.setdefault("LOCAL_RANK", str(world.local_rank))
+    env.setdefault("WORLD_SIZE", str(world.world_size))
+    if world.launcher == "slurm":
+        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    else:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                         text=True, check=False).stdout.split()
+    return out[0] if out else nodelist.split(",")[0]
+
+
+def init_distributed(world: World) -> torch.device:
+    """Pick the device, point DeepSpeed at the CPU when there is no GPU, and join the group.
+
+    ``DS_ACCELERATOR`` must be set before DeepSpeed is first imported, so this runs early.
+    """
+    device = device_for(world)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(device)
+    _export_rendezvous(world)
+    import deepspeed
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               verbose=False)
+    return device

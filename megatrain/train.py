@@ -1,0 +1,76 @@
+"""``megatrain-train``: the Hydra app that trains a model.
+
+    megatrain-train experiment=quickstart trainer.max_steps=200
+    torchrun --nproc_per_node 8 -m megatrain.train model=gpt2-small deepspeed=zero2
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from megatrain.config import register_configs
+from megatrain.errors import MegatrainError
+
+log = logging.getLogger("megatrain")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train with a composed config; returns the final eval metrics."""
+    from megatrain.distributed import detect_world, init_distributed
+    from megatrain.logging import setup_console_logging
+
+    world = detect_world()
+    setup_console_logging(world.rank)
+    device = init_distributed(world)
+    from megatrain.training.trainer import Trainer  # imports DeepSpeed: after DS_ACCELERATOR
+
+    run_dir = Path(cfg.run.dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = Trainer(cfg, world, device)
+    try:
+        result = trainer.train()
+        _report(trainer, result)
+        if cfg.trainer.sample_prompt:
+            text = trainer.sample(cfg.trainer.sample_prompt, cfg.trainer.sample_tokens)
+            if world.is_main:
+                print(f"\n----- sample (prompt {cfg.trainer.sample_prompt!r}) -----\n{text}\n"
+                      "-----", flush=True)
+    finally:
+        trainer.close()
+    return result
+
+
+def _report(trainer: "object", result: dict[str, float]) -> None:
+    if not trainer.world.is_main or not result:
+        return
+    entropy = trainer.train_manifest.stats.get("unigram_entropy")
+    baseline = f" (unigram entropy of the corpus: {entropy:.3f})" if entropy else ""
+    log.info("done: step %d, eval loss %.4f, perplexity %.2f%s; run folder %s",
+             trainer.progress.step, result["eval_loss"], result["eval_ppl"], baseline,
+             trainer.run_dir)
+
+
+@hydra.main(version_base=None, config_path="pkg://megatrain.configs", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        result = run(cfg)
+    except MegatrainError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    return result.get("eval_loss")  # what a Hydra sweep optimises
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine, the trainer loop, checkpoints, the LR schedule and metrics."""

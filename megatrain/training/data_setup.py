@@ -1,0 +1,41 @@
+"""From ``data.train`` / ``data.eval`` to prepared corpora (manifests), preparing on first use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from megatrain.data.manifest import Manifest
+from megatrain.data.prepare import ensure_prepared
+from megatrain.distributed import World
+
+EMBEDDED_SOURCES = ("stdlib",)
+
+
+def cache_dir(data_cfg: Any) -> Path:
+    """Where corpora prepared on first use live: data.cache_dir, $MEGATRAIN_CACHE, ~/.cache."""
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir)
+    return Path(os.environ.get("MEGATRAIN_CACHE", Path.home() / ".cache" / "megatrain"))
+
+
+def _load(source: str, data_cfg: Any, workers: int) -> Manifest:
+    if source in EMBEDDED_SOURCES:
+        folder = ensure_prepared(source, cache_dir(data_cfg), data_cfg.vocab_size, workers=workers)
+        return Manifest.load(folder)
+    manifest = Manifest.load(source)
+    manifest.check_files()
+    return manifest
+
+
+def resolve_corpus(data_cfg: Any, world: World) -> tuple[Manifest, Manifest]:
+    """(train, eval) manifests; eval defaults to the train folder's eval shards.
+
+    Every rank calls this: a corpus prepared on first use is guarded by a file lock, so one
+    process prepares while the others wait and then reuse it.
+    """
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    train = _load(data_cfg.train, data_cfg, workers)
+    evaluation = _load(data_cfg.eval, data_cfg, workers) if data_cfg.eval else train
+    return train, evaluation

@@ -1,0 +1,231 @@
+"""The training loop: ``train`` → ``train_step`` → ``forward_backward_step``, plus eval and saves.
+
+The hot path stays on the device: losses are summed into a device tensor and read back only at
+log steps, so a step issues no host–device synchronisation of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from megatrain.data.manifest import Manifest
+from megatrain.data.stream import build_train_stream, iter_eval_batches
+from megatrain.data.tokenizer import Tokenizer
+from megatrain.distributed import World
+from megatrain.errors import ConfigError
+from megatrain.logging import MetricSinks, build_sinks
+from megatrain.models.flops import peak_tflops_for
+from megatrain.models.generation import generate
+from megatrain.models.registry import get_model_spec, resolve_model_config
+from megatrain.training import checkpoint as ckpt
+from megatrain.training.data_setup import resolve_corpus
+from megatrain.training.engine import initialize_engine, resolve_precision
+from megatrain.training.metrics import Throughput, memory_gb
+from megatrain.training.parallelize import parallelize
+
+log = logging.getLogger("megatrain")
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries besides the engine's own state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+class Trainer:
+    """Builds everything from a resolved config, then ``train()`` runs to ``trainer.max_steps``."""
+
+    def __init__(self, cfg: DictConfig, world: World, device: torch.device) -> None:
+        self.cfg, self.world, self.device = cfg, world, device
+        self.run_dir = Path(cfg.run.dir)
+        self.train_manifest, self.eval_manifest = resolve_corpus(cfg.data, world)
+        self.tokenizer = Tokenizer.load(self.train_manifest.tokenizer_path)
+        self.precision = resolve_precision(cfg.trainer.precision, device)
+        self.model_cfg, self.spec, model = self._build_model()
+        self.engine = initialize_engine(model, cfg, self.precision, world.world_size, device)
+        self.stream = build_train_stream(
+            self.train_manifest, seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
+            rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
+            shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda")
+        self.progress = Progress()
+        wandb_id = self._maybe_resume()
+        self.sinks = self._build_sinks(wandb_id) if world.is_main else None
+        peak = cfg.trainer.peak_tflops or peak_tflops_for(device)
+        self.throughput = Throughput(self.spec.flops_per_token(self.model_cfg, cfg.data.seq_len),
+                                     peak, world.world_size)
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _build_model(self) -> tuple[Any, Any, torch.nn.Module]:
+        cfg = self.cfg
+        spec = get_model_spec(cfg.model.family)
+        if cfg.data.objective != spec.objective:
+            raise ConfigError(f"data.objective={cfg.data.objective} does not fit model.family="
+                              f"{cfg.model.family}, which trains on {spec.objective}")
+        model_cfg = resolve_model_config(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        if cfg.data.seq_len > model_cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len "
+                              f"({model_cfg.max_seq_len})")
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        model = spec.build(model_cfg, self.device, dtype)
+        torch.manual_seed(cfg.trainer.seed + self.world.rank)  # per-rank dropout streams
+        log.info("model: %s %s, %.2fM parameters", cfg.model.family, cfg.model.size or "custom",
+                 sum(p.numel() for p in model.parameters()) / 1e6)
+        t = cfg.trainer
+        return model_cfg, spec, parallelize(model, t.activation_checkpointing, t.compile)
+
+    def _maybe_resume(self) -> str | None:
+        """Load the checkpoint ``run.resume`` names; return the W&B run id it carries."""
+        found = ckpt.find_checkpoint(self.run_dir, self.cfg.run.resume)
+        if found is None:
+            return None
+        state = ckpt.load_checkpoint(self.engine, found, self.world.rank, self.world.world_size)
+        self.progress = Progress(**state["progress"])
+        self.stream.load_state_dict(state["stream"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", found, self.progress.step)
+        return state.get("wandb_run_id")
+
+    def _build_sinks(self, wandb_id: str | None) -> MetricSinks:
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        config["model_resolved"] = vars(self.model_cfg)
+        return build_sinks(self.cfg, self.run_dir, self.progress.step, wandb_id, config)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Train to ``trainer.max_steps``; eval, save and log on their schedules."""
+        t = self.cfg.trainer
+        batches = iter(self.stream)
+        loss_sum = torch.zeros((), device=self.device)
+        steps_in_window = 0
+        last_eval: dict[str, float] = {}
+        self.throughput.reset()
+        while self.progress.step < t.max_steps:
+            loss_sum += self.train_step(batches)
+            steps_in_window += 1
+            step = self.progress.step
+            if step % t.log_every == 0 or step == t.max_steps:
+                self._log_train(loss_sum / steps_in_window)
+                loss_sum.zero_()
+                steps_in_window = 0
+            if step % t.eval_every == 0 or step == t.max_steps:
+                last_eval = self.evaluate()
+            if step % t.save_every == 0 or step == t.max_steps:
+                self.save()
+        if not last_eval:  # resumed at the end: still report where the model stands
+            last_eval = self.evaluate()
+        return last_eval
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss (on device)."""
+        accum = self.cfg.trainer.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            batch = next(batches)
+            loss = self.forward_backward_step(batch)
+            self.engine.step()
+            total += loss.detach()
+            self.throughput.add(batch["input_ids"].numel() * self.world.world_size)
+        self.progress.step += 1
+        self.progress.tokens_seen += accum * self.cfg.trainer.micro_batch_size \
+            * self.cfg.data.seq_len * self.world.world_size
+        return total / accum
+
+    def forward_backward_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.engine.backward(loss)
+        return loss
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        logits = self.engine(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # --- eval, logging, saving ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``trainer.eval_steps`` held-out batches per rank, averaged over ranks."""
+        self.engine.eval()
+        totals = torch.zeros(2, device=self.device)  # (loss sum, batches)
+        for batch in iter_eval_batches(
+                self.eval_manifest, seq_len=self.cfg.data.seq_len,
+                micro_batch_size=self.cfg.trainer.micro_batch_size, rank=self.world.rank,
+                world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps):
+            totals[0] += self._loss(batch)
+            totals[1] += 1
+        self.engine.train()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss_sum, count = totals.tolist()
+        if count == 0:
+            log.warning("eval: no held-out batches (is the eval split empty?)")
+            return {}
+        row = {"eval_loss": loss_sum / count, "eval_ppl": math.exp(min(loss_sum / count, 50))}
+        if self.sinks:
+            self.sinks.log({"step": self.progress.step, **row})
+        return row
+
+    def _log_train(self, mean_loss: torch.Tensor) -> None:
+        """The one place a training step syncs with the host: every ``log_every`` steps."""
+        if dist.is_initialized():
+            dist.all_reduce(mean_loss)
+            mean_loss /= self.world.world_size
+        loss = mean_loss.item()
+        grad_norm = self.engine.get_global_grad_norm()
+        row = {"step": self.progress.step, "loss": loss,
+               "lr": self.engine.get_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens_seen": self.progress.tokens_seen,
+               **self.throughput.report(),
+               "mem_gb": memory_gb(self.device)}
+        if not math.isfinite(loss):
+            log.warning("step %d: non-finite loss %s", self.progress.step, loss)
+        if self.sinks:
+            self.sinks.log(row)
+
+    def save(self) -> Path:
+        rank_state = {"progress": vars(self.progress).copy(), "stream": self.stream.state_dict(),
+                      "rng": ckpt.rng_state(),
+                      "wandb_run_id": self.sinks.wandb_run_id if self.sinks else None}
+        meta = {"step": self.progress.step, "model": {"family": self.cfg.model.family,
+                                                       **vars(self.model_cfg)},
+                "world_size": self.world.world_size,
+                "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.precision,
+                "seq_len": self.cfg.data.seq_len}
+        start = time.perf_counter()
+        path = ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.progress.step,
+                                    self.world.rank, rank_state, meta,
+                                    self.tokenizer.path, self.cfg.trainer.keep_last)
+        log.info("saved %s in %.1fs", path, time.perf_counter() - start)
+        return path
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """Generate from the live model (every rank runs it: ZeRO-3 gathers weights collectively)."""
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
+        self.engine.eval()
+        out = generate(self.engine.module, ids, max_new_tokens, temperature=0.8, top_k=50,
+                       eos_id=self.tokenizer.eos_id, generator=gen)
+        self.engine.train()
+        return self.tokenizer.decode(out[0].tolist())
+
+    def close(self) -> None:
+        if self.sinks:
+            self.sinks.close()
