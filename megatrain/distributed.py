@@ -88,6 +88,10 @@ def init_distributed(world: World) -> torch.device:
     _export_rendezvous(world)
     import deepspeed
 
+    if device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU *inference* on first use
+        # (~40 s); training never calls it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                verbose=False)

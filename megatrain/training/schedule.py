@@ -24,7 +24,8 @@ def lr_multiplier(
         raise ConfigError(f"schedule.decay={decay!r} is not one of {', '.join(DECAYS)}")
     if total_steps <= warmup_steps and decay != "constant":
         raise ConfigError(
-            f"schedule: total steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
+            f"schedule: total steps ({total_steps}, trainer.max_steps unless schedule.total_steps "
+            f"is set) must exceed schedule.warmup_steps ({warmup_steps}): lower the warmup")
     decay_start = (total_steps - int(wsd_decay_fraction * total_steps)
                    if decay == "wsd" else warmup_steps)
 

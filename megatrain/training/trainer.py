@@ -44,6 +44,12 @@ class Progress:
     tokens_seen: int = 0
 
 
+def _total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of the (already averaged) gradients, before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 class Trainer:
     """Builds everything from a resolved config, then ``train()`` runs to ``trainer.max_steps``."""
 
@@ -61,6 +67,9 @@ class Trainer:
             rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
             shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda")
         self.progress = Progress()
+        # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
+        self._engine_hides_grad_norm = cfg.deepspeed.zero_stage == 0 and self.precision == "fp32"
+        self._grad_norm: torch.Tensor | None = None
         wandb_id = self._maybe_resume()
         self.sinks = self._build_sinks(wandb_id) if world.is_main else None
         peak = cfg.trainer.peak_tflops or peak_tflops_for(device)
@@ -116,10 +125,11 @@ class Trainer:
         last_eval: dict[str, float] = {}
         self.throughput.reset()
         while self.progress.step < t.max_steps:
-            loss_sum += self.train_step(batches)
+            step = self.progress.step + 1
+            log_now = step % t.log_every == 0 or step == t.max_steps
+            loss_sum += self.train_step(batches, measure_grad_norm=log_now)
             steps_in_window += 1
-            step = self.progress.step
-            if step % t.log_every == 0 or step == t.max_steps:
+            if log_now:
                 self._log_train(loss_sum / steps_in_window)
                 loss_sum.zero_()
                 steps_in_window = 0
@@ -131,13 +141,16 @@ class Trainer:
             last_eval = self.evaluate()
         return last_eval
 
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]],
+                   measure_grad_norm: bool = False) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss (on device)."""
         accum = self.cfg.trainer.grad_accum_steps
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for micro in range(accum):
             batch = next(batches)
             loss = self.forward_backward_step(batch)
+            if measure_grad_norm and micro == accum - 1 and self._engine_hides_grad_norm:
+                self._grad_norm = _total_grad_norm(self.engine.module)
             self.engine.step()
             total += loss.detach()
             self.throughput.add(batch["input_ids"].numel() * self.world.world_size)
@@ -188,7 +201,8 @@ class Trainer:
             dist.all_reduce(mean_loss)
             mean_loss /= self.world.world_size
         loss = mean_loss.item()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm if self._engine_hides_grad_norm \
+            else self.engine.get_global_grad_norm()
         row = {"step": self.progress.step, "loss": loss,
                "lr": self.engine.get_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,

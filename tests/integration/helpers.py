@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 # A model small enough that tens of steps take seconds on two CPU cores.
 TINY = ["model=gpt2-tiny", "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
         "model.d_ff=256", "data.seq_len=64", "trainer.micro_batch_size=4",
-        "trainer.precision=fp32", "logger.wandb.mode=disabled", "logger.progress=false"]
+        "trainer.precision=fp32", "schedule.warmup_steps=5", "logger.wandb.mode=disabled", "logger.progress=false"]
 
 
 def _free_port() -> int:

@@ -12,15 +12,15 @@ from tests.integration.helpers import losses, metrics, run_module, train
 pytestmark = pytest.mark.integration
 
 
-def test_resume_continues_bit_identically(tmp_path: Path, corpus_dir: Path) -> None:
+def test_resume_continues_bit_identically(tmp_path: Path, prepared_dir: Path) -> None:
     """A 40-step run, and a 20-step run resumed to 40, log identical losses for steps 21-40."""
     common = ("trainer.log_every=1", "trainer.eval_every=1000", "trainer.save_every=20",
               "schedule.warmup_steps=5", "schedule.total_steps=40", "data.num_workers=2")
     whole, split = tmp_path / "whole", tmp_path / "split"
-    train(whole, corpus_dir, "trainer.max_steps=40", *common)
-    train(split, corpus_dir, "trainer.max_steps=20", *common)
+    train(whole, prepared_dir, "trainer.max_steps=40", *common)
+    train(split, prepared_dir, "trainer.max_steps=20", *common)
     assert (split / "checkpoints" / "latest").read_text() == "step_20"
-    train(split, corpus_dir, "trainer.max_steps=40", "run.resume=auto", *common)
+    train(split, prepared_dir, "trainer.max_steps=40", "run.resume=auto", *common)
 
     reference, resumed = losses(whole), losses(split)
     assert sorted(resumed) == list(range(1, 41))  # no step logged twice after the resume
@@ -28,12 +28,12 @@ def test_resume_continues_bit_identically(tmp_path: Path, corpus_dir: Path) -> N
     assert reference[40] < reference[1]
 
 
-def test_zero_stages_agree_on_two_ranks(tmp_path: Path, corpus_dir: Path) -> None:
+def test_zero_stages_agree_on_two_ranks(tmp_path: Path, prepared_dir: Path) -> None:
     """torchrun, 2 processes: ZeRO 0 and ZeRO 2 log the same fp32 losses over 20 steps."""
     runs = {}
     for stage in (0, 2):
         run_dir = tmp_path / f"zero{stage}"
-        train(run_dir, corpus_dir, "trainer.max_steps=20", "trainer.log_every=1",
+        train(run_dir, prepared_dir, "trainer.max_steps=20", "trainer.log_every=1",
               "trainer.eval_every=20", "trainer.save_every=20", f"deepspeed.zero_stage={stage}",
               nproc=2)
         runs[stage] = losses(run_dir)
@@ -42,9 +42,9 @@ def test_zero_stages_agree_on_two_ranks(tmp_path: Path, corpus_dir: Path) -> Non
         assert math.isclose(runs[2][step], loss, rel_tol=1e-5), (step, loss, runs[2][step])
 
 
-def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path: Path, corpus_dir: Path) -> None:
+def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path: Path, prepared_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    train(run_dir, corpus_dir, "trainer.max_steps=30", "trainer.log_every=10",
+    train(run_dir, prepared_dir, "trainer.max_steps=30", "trainer.log_every=10",
           "trainer.eval_every=15", "trainer.save_every=10", "trainer.keep_last=2",
           "trainer.grad_accum_steps=2")
     rows = metrics(run_dir)
@@ -60,9 +60,9 @@ def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path: Path, corpus_dir
     assert (run_dir / "config.yaml").exists()
 
 
-def test_generate_prints_text_from_a_checkpoint(tmp_path: Path, corpus_dir: Path) -> None:
+def test_generate_prints_text_from_a_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    train(run_dir, corpus_dir, "trainer.max_steps=10", "trainer.save_every=10")
+    train(run_dir, prepared_dir, "trainer.max_steps=10", "trainer.save_every=10")
     out = run_module("generate", ["--checkpoint", str(run_dir), "--prompt", "KING",
                                   "--max-new-tokens", "20", "--seed", "1"])
     assert out.returncode == 0, out.stderr
@@ -75,10 +75,10 @@ def test_generate_prints_text_from_a_checkpoint(tmp_path: Path, corpus_dir: Path
     ("model.size=gpt2-huge", "gpt2-huge"),
     ("trainer.max_stepz=10", "max_stepz"),
 ])
-def test_bad_input_fails_fast_with_a_message(tmp_path: Path, corpus_dir: Path, override: str,
+def test_bad_input_fails_fast_with_a_message(tmp_path: Path, prepared_dir: Path, override: str,
                                              expected: str) -> None:
     """Each mistake ends before training with a short message naming it, and exit code != 0."""
-    args = [f"data.train={corpus_dir}", f"run.dir={tmp_path / 'run'}", "logger.wandb.mode=disabled",
+    args = [f"data.train={prepared_dir}", f"run.dir={tmp_path / 'run'}", "logger.wandb.mode=disabled",
             override]
     result = run_module("train", args, timeout=120)
     assert result.returncode != 0
