@@ -1,0 +1,26 @@
+"""Model zoo: families, the registry that names them, attention backends, FLOPs, generation."""
+
+from megatrain.models.flops import mfu, palm_flops_per_token, peak_tflops_for
+from megatrain.models.generation import generate
+from megatrain.models.gpt import GPT, GPTConfig
+from megatrain.models.registry import (
+    MODEL_SPECS,
+    ModelSpec,
+    build_model,
+    get_model_spec,
+    resolve_model_config,
+)
+
+__all__ = [
+    "GPT",
+    "MODEL_SPECS",
+    "GPTConfig",
+    "ModelSpec",
+    "build_model",
+    "generate",
+    "get_model_spec",
+    "mfu",
+    "palm_flops_per_token",
+    "peak_tflops_for",
+    "resolve_model_config",
+]

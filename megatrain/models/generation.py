@@ -1,0 +1,74 @@
+"""Autoregressive sampling for causal LMs (no KV cache: each step re-reads the cropped context)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _next_token(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """(B, V) logits of the last position -> (B, 1) next tokens."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Append up to ``max_new_tokens`` tokens to ``input_ids`` (B, T); returns (B, T + n).
+
+    ``temperature=0`` is greedy. The context is cropped to ``model.config.max_seq_len``. A row
+    that produced ``eos_id`` keeps emitting it; generation stops once every row has. The model
+    runs in eval mode (no dropout) and is put back in the mode it was in.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    max_seq_len = model.config.max_seq_len
+    ids = input_ids
+    done = torch.zeros(ids.size(0), 1, dtype=torch.bool, device=ids.device)  # (B, 1)
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -max_seq_len:])[:, -1, :]  # (B, V)
+        token = _next_token(logits, temperature, top_k, generator)  # (B, 1)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done = done | (token == eos_id)
+        ids = torch.cat([ids, token], dim=1)  # (B, T + 1)
+        if eos_id is not None and bool(done.all()):
+            break
+    return ids

@@ -1,0 +1,92 @@
+"""The tokenizer is lossless on code (indentation, tabs, newlines, unicode) and has fixed special ids."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatrain.data.sources import iter_documents
+from megatrain.data.tokenizer import Tokenizer, train_tokenizer
+from megatrain.errors import ConfigError, DataError
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CODE = (
+    "import os\n\n\n"
+    "class Walker:\n"
+    '    """Docstring with  two spaces."""\n\n'
+    "    def walk(self, top):\n"
+    "\tif top:  # a tab, then trailing spaces   \n"
+    "\t\treturn [x  for x in os.listdir(top)]\n"
+    "        \n"
+    "  odd_indent = 'naïve café — 東京 🐍'\r\n"
+    "\n\n\n"
+    "    \t mixed = {1: 2}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def code_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A 1024-piece model trained on a sample of stdlib source lines."""
+    texts = (doc.text for _, doc in zip(range(150), iter_documents("stdlib")))
+    model = tmp_path_factory.mktemp("code_tok") / "tokenizer.model"
+    path = train_tokenizer(texts, model, 1024, threads=2, max_sentences=20_000)
+    assert path == model and not model.with_suffix(".vocab").exists()
+    return Tokenizer.load(model)
+
+
+def test_code_round_trips_exactly(code_tokenizer: Tokenizer) -> None:
+    ids = code_tokenizer.encode(CODE)
+    assert code_tokenizer.decode(ids) == CODE
+    assert code_tokenizer.decode(code_tokenizer.encode("  leading spaces")) == "  leading spaces"
+
+
+@pytest.mark.parametrize("module", ["json/decoder.py", "textwrap.py", "tabnanny.py"])
+def test_real_source_files_round_trip(code_tokenizer: Tokenizer, module: str) -> None:
+    text = (STDLIB / module).read_text(encoding="utf-8")
+    ids = code_tokenizer.encode(text)
+    assert code_tokenizer.decode(ids) == text
+    assert len(ids) < len(text) / 2  # it learned merges, not just bytes
+
+
+def test_newline_is_one_token_and_indentation_is_merged(code_tokenizer: Tokenizer) -> None:
+    (newline,) = code_tokenizer.encode("\n")
+    assert code_tokenizer._sp.id_to_piece(newline) == "\n"  # a real piece, not the byte <0x0A>
+    assert len(code_tokenizer.encode("\n\n")) == 2
+    assert len(code_tokenizer.encode("        return")) <= 3
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_any_text_round_trips(code_tokenizer: Tokenizer, text: str) -> None:
+    assert code_tokenizer.decode(code_tokenizer.encode(text)) == text
+
+
+def test_special_ids_and_no_implicit_bos_eos(code_tokenizer: Tokenizer) -> None:
+    tok = code_tokenizer
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 1024
+    ids = tok.encode("x = 1\n")
+    assert ids and not {tok.bos_id, tok.eos_id, tok.pad_id} & set(ids)
+    assert tok.encode_batch(["a\n", "b  c"]) == [tok.encode("a\n"), tok.encode("b  c")]
+
+
+def test_load_missing_or_invalid_model_raises_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        Tokenizer.load(tmp_path / "nope.model")
+    bogus = tmp_path / "bogus.model"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a SentencePiece model"):
+        Tokenizer.load(bogus)
+
+
+def test_train_rejects_empty_corpus_and_tiny_vocab(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no text"):
+        train_tokenizer(["", "  \n"], tmp_path / "t.model", 512)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train_tokenizer(["some text"], tmp_path / "t.model", 100)
+    with pytest.raises(ConfigError, match="cannot train a 300-piece"):  # 256 bytes + 5 + 64 chars
+        train_tokenizer(["".join(map(chr, range(0x4E00, 0x4E40)))], tmp_path / "t.model", 300)
