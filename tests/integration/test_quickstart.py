@@ -24,7 +24,8 @@ def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path) -> None
     manifest = json.loads((tmp_path / "cache" / "stdlib-v4096" / "manifest.json").read_text())
     entropy = manifest["stats"]["unigram_entropy"]
     final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
-    assert final_eval < entropy - 1.5, (final_eval, entropy)
+    # "Far below": at least one nat, i.e. a perplexity under e^-1 of the unigram model's.
+    assert final_eval < entropy - 1.0, (final_eval, entropy)
 
     assert "----- sample" in result.stdout
     sample = result.stdout.split("-----\n", 1)[1]
