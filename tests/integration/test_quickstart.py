@@ -18,7 +18,7 @@ def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path) -> None
     env.pop("OMP_NUM_THREADS")  # as a user runs it: all cores
     result = run_module("train", ["experiment=quickstart", f"run.dir={run_dir}",
                                   "logger.wandb.mode=offline", "logger.progress=false"],
-                        env=env, timeout=900)
+                        env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-5000:]
 
     manifest = json.loads((tmp_path / "cache" / "stdlib-v4096" / "manifest.json").read_text())
