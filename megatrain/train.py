@@ -62,7 +62,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg)
     except MegatrainError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"{err.label}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     return result.get("eval_loss")  # what a Hydra sweep optimises
 

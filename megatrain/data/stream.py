@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import tarfile
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -287,6 +288,13 @@ class PackedDataset(IterableDataset):
             yield window_to_batch(window, cfg.seq_len), local, packer.state()
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM / SIGUSR1 reaches the whole process group: the trainer handles it
+    and saves; its loader workers must keep serving until then."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainStream:
     """This rank's infinite stream of micro-batches ``{"input_ids", "labels"}`` (LongTensor (B, T)).
 
@@ -310,6 +318,7 @@ class TrainStream:
             num_workers=cfg.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         for batch, local, state in loader:
             self._states[local] = state

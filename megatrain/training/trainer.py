@@ -30,6 +30,7 @@ from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.training import checkpoint as ckpt
 from megatrain.training.data_setup import resolve_corpus
 from megatrain.training.engine import initialize_engine, resolve_precision
+from megatrain.training.faults import Preempted, StopSignals
 from megatrain.training.metrics import Throughput, memory_gb
 from megatrain.training.parallelize import parallelize
 
@@ -67,6 +68,7 @@ class Trainer:
             rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
             shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda")
         self.progress = Progress()
+        self.signals = StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
         self._engine_hides_grad_norm = cfg.deepspeed.zero_stage == 0 and self.precision == "fp32"
         self._grad_norm: torch.Tensor | None = None
@@ -135,8 +137,11 @@ class Trainer:
                 steps_in_window = 0
             if step % t.eval_every == 0 or step == t.max_steps:
                 last_eval = self.evaluate()
-            if step % t.save_every == 0 or step == t.max_steps:
+            saved = step % t.save_every == 0 or step == t.max_steps
+            if saved:
                 self.save()
+            if self.signals.should_stop():
+                self._stop_on_signal(already_saved=saved)
         if not last_eval:  # resumed at the end: still report where the model stands
             last_eval = self.evaluate()
         return last_eval
@@ -230,6 +235,13 @@ class Trainer:
         log.info("saved %s in %.1fs", path, time.perf_counter() - start)
         return path
 
+    def _stop_on_signal(self, already_saved: bool) -> None:
+        path = self.run_dir / "checkpoints" / f"step_{self.progress.step}"
+        if not already_saved:
+            path = self.save()
+        raise Preempted(f"stopped by {self.signals.describe()} at step {self.progress.step} after "
+                        f"saving {path}; run the same command again to resume")
+
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """Generate from the live model (every rank runs it: ZeRO-3 gathers weights collectively)."""
         ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
@@ -241,5 +253,6 @@ class Trainer:
         return self.tokenizer.decode(out[0].tolist())
 
     def close(self) -> None:
+        self.signals.restore()
         if self.sinks:
             self.sinks.close()

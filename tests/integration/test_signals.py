@@ -1,0 +1,67 @@
+"""SIGTERM / SIGUSR1: every rank finishes the step, saves, exits "requeue me"; the rerun continues
+exactly where an uninterrupted run would be."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatrain.errors import EXIT_REQUEUE
+from tests.integration.helpers import REPO, TINY, _free_port, env_for_tests, losses, train
+
+pytestmark = pytest.mark.integration
+STEPS = ("trainer.max_steps=150", "trainer.log_every=1", "trainer.save_every=1000",
+         "trainer.eval_every=1000", "schedule.total_steps=150")
+
+
+def _start(run_dir: Path, data_dir: Path, nproc: int) -> subprocess.Popen[str]:
+    args = [*TINY, f"data.train={data_dir}", f"run.dir={run_dir}", *STEPS]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                 f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable])
+    return subprocess.Popen([*launcher, "-m", "megatrain.train", *args], cwd=REPO,
+                            env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or [0]) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never reached step {step}: {proc.communicate()[1][-3000:]}")
+
+
+def _rank_pids(torchrun_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True)
+    return sorted(int(pid) for pid in out.stdout.split())
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
+def test_signal_saves_stops_and_resumes_exactly(tmp_path: Path, prepared_dir: Path, nproc: int,
+                                                sig: signal.Signals) -> None:
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    train(reference, prepared_dir, *STEPS, nproc=nproc)
+
+    proc = _start(stopped, prepared_dir, nproc)
+    _wait_for_step(stopped, 10, proc)
+    # One process: the trainer itself. Two: only rank 1 hears it; rank 0 must still agree.
+    target = proc.pid if nproc == 1 else _rank_pids(proc.pid)[-1]
+    time.sleep(0.3)
+    subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", str(target)], check=True)
+    _, stderr = proc.communicate(timeout=120)
+    if nproc == 1:
+        assert proc.returncode == EXIT_REQUEUE, stderr[-3000:]
+    assert f"stopped: stopped by {sig.name}" in stderr, stderr[-3000:]
+
+    step = int((stopped / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 10 <= step < 150
+    assert max(losses(stopped)) == step  # the signal's step was finished, logged and saved
+    train(stopped, prepared_dir, *STEPS, nproc=nproc)
+    expected, got = losses(reference), losses(stopped)
+    assert got == expected
