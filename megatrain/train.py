@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from megatrain.config import register_configs
 from megatrain.errors import MegatrainError
+
+if TYPE_CHECKING:
+    from megatrain.training.trainer import Trainer
 
 log = logging.getLogger("megatrain")
 
@@ -47,7 +51,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return result
 
 
-def _report(trainer: "object", result: dict[str, float]) -> None:
+def _report(trainer: Trainer, result: dict[str, float]) -> None:
     if not trainer.world.is_main or not result:
         return
     entropy = trainer.train_manifest.stats.get("unigram_entropy")

@@ -12,6 +12,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import shutil
 import sys
@@ -32,6 +33,8 @@ from megatrain.errors import ConfigError, DataError
 TOKENIZER_FILE = "tokenizer.model"
 CHUNK_DOCS = 32
 IN_FLIGHT_PER_WORKER = 4
+
+log = logging.getLogger("megatrain")
 
 
 class Encoded(NamedTuple):
@@ -64,7 +67,8 @@ def prepare(
     model = _tokenizer_model(source, out, tokenizer, vocab_size, workers, seed)
     tok = Tokenizer.load(model)
     writer = CorpusWriter(out, tok.vocab_size, shard_tokens, eval_fraction, seed)
-    bar = tqdm(desc="tokenizing", unit="doc", file=sys.stderr, disable=not progress)
+    bar = tqdm(desc="tokenizing", unit="doc", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()))
     with bar:
         for encoded in encode_documents(documents, model, workers):
             writer.add(encoded)
@@ -314,7 +318,11 @@ def ensure_prepared(
     with (cache_dir / f".{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_prepared(out, source):
-            prepare(source, out, vocab_size=vocab_size, workers=workers, progress=progress)
+            log.info("preparing %s into %s (first use; cached afterwards)", source, out)
+            manifest = prepare(source, out, vocab_size=vocab_size, workers=workers,
+                               progress=progress)
+            log.info("prepared %s: %d documents, %d tokens", source,
+                     manifest.stats["documents"], manifest.stats["train_tokens"])
     return out
 
 

@@ -38,7 +38,7 @@ class WandbSink:
 
     @classmethod
     def create(cls, cfg: Any, run_dir: Path, name: str, run_id: str | None,
-               config: dict[str, Any]) -> "WandbSink | None":
+               config: dict[str, Any]) -> WandbSink | None:
         mode = resolve_mode(cfg.mode)
         if mode == "disabled":
             return None

@@ -8,7 +8,7 @@ Warmup is linear from 0; then ``cosine`` / ``linear`` decay to ``min_lr_ratio`` 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from megatrain.errors import ConfigError
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from megatrain.data.manifest import Manifest
 from megatrain.data.stream import build_train_stream, iter_eval_batches
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.distributed import World

@@ -38,7 +38,8 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> Non
 
 
 def _rank_pids(torchrun_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True,
+                         check=False)
     return sorted(int(pid) for pid in out.stdout.split())
 
 
