@@ -14,14 +14,17 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class ModelConfig:
-    family: str = "gpt"  # gpt (more families: see megatrain.models.registry)
+    family: str = "gpt"  # gpt | llama (see megatrain.models.registry)
     size: Optional[str] = "gpt2-tiny"  # a named size of the family; explicit dims below override it
     n_layers: Optional[int] = None
     d_model: Optional[int] = None
     n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None  # llama: grouped-query attention
     d_ff: Optional[int] = None
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
     max_seq_len: Optional[int] = None  # None: the size's default
+    rope_theta: Optional[float] = None  # llama
+    tie_embeddings: Optional[bool] = None  # llama (GPT-2 is always tied)
     dropout: float = 0.0
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | eager
 

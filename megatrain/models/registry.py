@@ -17,9 +17,11 @@ from torch import nn
 from megatrain.config.schema import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.common.attention import ATTN_IMPLS
+from megatrain.models.gpt.llama import LlamaConfig, build_llama, llama_flops_per_token
 from megatrain.models.gpt.model import GPTConfig, build_gpt, gpt_flops_per_token
 from megatrain.models.hf import HFAdapter
 from megatrain.models.hf.gpt2 import GPT2_ADAPTER
+from megatrain.models.hf.llama import LLAMA_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,33 @@ GPT_SPEC = ModelSpec(
     hf=GPT2_ADAPTER,
 )
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.family: spec for spec in (GPT_SPEC,)}
+
+
+def _llama_size(n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, d_ff: int,
+                max_seq_len: int, rope_theta: float = 10000.0, tie: bool = False) -> dict:
+    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads,
+            "n_kv_heads": n_kv_heads, "d_ff": d_ff, "max_seq_len": max_seq_len,
+            "rope_theta": rope_theta, "tie_embeddings": tie}
+
+
+LLAMA_SPEC = ModelSpec(
+    family="llama",
+    sizes={
+        "llama-tiny": _llama_size(4, 128, 4, 2, 384, 512),  # CPU tests; GQA with 2 groups
+        # Llama-3.2's shapes (tied head, θ = 500000; its 128k-context RoPE scaling is not
+        # modelled, so the context is kept at 2048) and Llama-2-7B's (6.74B with 32000 tokens).
+        "llama-1b": _llama_size(16, 2048, 32, 8, 8192, 2048, rope_theta=500000.0, tie=True),
+        "llama-3b": _llama_size(28, 3072, 24, 8, 8192, 2048, rope_theta=500000.0, tie=True),
+        "llama-7b": _llama_size(32, 4096, 32, 32, 11008, 4096),
+    },
+    config_cls=LlamaConfig,
+    build=build_llama,
+    objective="clm",
+    flops_per_token=llama_flops_per_token,
+    hf=LLAMA_ADAPTER,
+)
+
+MODEL_SPECS: dict[str, ModelSpec] = {spec.family: spec for spec in (GPT_SPEC, LLAMA_SPEC)}
 
 # Keys of model config that choose a spec or a starting point rather than a dimension.
 _NOT_DIMS = frozenset({"family", "size", "init_from"})
@@ -69,6 +97,14 @@ def get_model_spec(family: str) -> ModelSpec:
         raise ConfigError(f"model.family={family} is not a model family; "
                           f"valid: {', '.join(MODEL_SPECS)}")
     return MODEL_SPECS[family]
+
+
+def spec_for_config(config: Any) -> ModelSpec:
+    """The spec whose config class ``config`` is an instance of (e.g. a loaded checkpoint's)."""
+    for spec in MODEL_SPECS.values():
+        if isinstance(config, spec.config_cls):
+            return spec
+    raise ConfigError(f"{type(config).__name__} is not the config of a registered model family")
 
 
 def _as_dict(cfg: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
@@ -119,6 +155,13 @@ def _validate(config: Any) -> None:
     if config.d_model % config.n_heads:
         raise ConfigError(f"model.d_model={config.d_model} is not divisible by "
                           f"model.n_heads={config.n_heads}")
+    n_kv_heads = getattr(config, "n_kv_heads", config.n_heads)
+    if not isinstance(n_kv_heads, int) or n_kv_heads <= 0 or config.n_heads % n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={n_kv_heads} must be a positive divisor of "
+                          f"model.n_heads={config.n_heads}")
+    if hasattr(config, "rope_theta") and (config.d_model // config.n_heads) % 2:
+        raise ConfigError(f"rotary positions need an even head dim, not "
+                          f"{config.d_model // config.n_heads} (model.d_model / model.n_heads)")
     if config.attn_impl not in ATTN_IMPLS:
         raise ConfigError(f"model.attn_impl={config.attn_impl} is not an attention backend; "
                           f"valid: {', '.join(ATTN_IMPLS)}")

@@ -38,16 +38,17 @@ def test_every_shipped_size_builds_on_meta(size: str) -> None:
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("gpt2-*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_model_yaml_names_a_registered_size(path: Path) -> None:
     cfg = yaml.safe_load(path.read_text())
-    assert cfg == {"family": "gpt", "size": path.stem}
+    assert set(cfg) == {"family", "size"} and cfg["size"] == path.stem
     assert resolve_model_config(cfg, 50257).n_layers > 0
 
 
-def test_every_size_has_a_yaml() -> None:
-    shipped = sorted(p.stem for p in CONFIGS.glob("gpt2-*.yaml"))
-    assert shipped == sorted(get_model_spec("gpt").sizes)
+@pytest.mark.parametrize("family, prefix", [("gpt", "gpt2-"), ("llama", "llama-")])
+def test_every_size_has_a_yaml(family: str, prefix: str) -> None:
+    shipped = sorted(p.stem for p in CONFIGS.glob(f"{prefix}*.yaml"))
+    assert shipped == sorted(get_model_spec(family).sizes)
 
 
 def test_gpt2_small_is_124m() -> None:
@@ -56,8 +57,8 @@ def test_gpt2_small_is_124m() -> None:
 
 
 def test_unknown_family_lists_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"model.family=llama .*valid: gpt"):
-        get_model_spec("llama")
+    with pytest.raises(ConfigError, match=r"model.family=mamba .*valid: gpt, llama"):
+        get_model_spec("mamba")
 
 
 def test_unknown_size_lists_valid_ones() -> None:

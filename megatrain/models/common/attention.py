@@ -1,12 +1,16 @@
 """Attention backends, chosen once when a model is built and logged.
 
-Every backend takes q, k, v of shape (B, nh, T, hs) and returns (B, nh, T, hs):
+Every backend takes q of shape (B, nh, T, hs) and k, v of shape (B, nkv, T, hs), where nkv divides
+nh (grouped-query attention; nkv == nh is plain multi-head), and returns (B, nh, T, hs):
 
 - ``flash_attn``: the FlashAttention-2 package (CUDA, compute capability >= 8.0, fp16/bf16).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``. On CUDA it is pinned to the
   FlashAttention kernel (FLASH + memory-efficient in fp32, where FLASH cannot run), so a shape or
   dtype that would need the slow math kernel fails loudly instead of silently running slow.
 - ``eager``: an explicit softmax(q kᵀ / √hs) v, the reference the others are tested against.
+
+``flash_attn`` groups kv heads natively; ``sdpa`` and ``eager`` repeat each kv head nh / nkv times
+first (SDPA's own ``enable_gqa`` is not supported by every CUDA kernel it is pinned to).
 
 On CPU ``auto`` picks ``sdpa`` rather than ``eager`` (a deliberate departure from DESIGN.md):
 PyTorch's fused CPU kernel gives the same numbers as the explicit softmax, runs its forward 4-8x
@@ -24,10 +28,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatrain.errors import ConfigError
+from megatrain.models.common.rotary import apply_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _CUDA_HALF_KERNELS = [SDPBackend.FLASH_ATTENTION]
 _CUDA_FP32_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
-# (q, k, v, causal, dropout_p) -> out; q, k, v and out are (B, nh, T, hs)
+# (q, k, v, causal, dropout_p) -> out; q and out are (B, nh, T, hs), k and v (B, nkv, T, hs)
 AttentionFn = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
 
 
@@ -130,11 +135,18 @@ def resolve_attn_impl(requested: str, device: torch.device | str, dtype: torch.d
     return impl
 
 
+def repeat_kv(kv: Tensor, n_heads: int) -> Tensor:
+    """(B, nkv, T, hs) -> (B, nh, T, hs): kv head j serves query heads j·g .. j·g + g - 1."""
+    groups = n_heads // kv.size(1)
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
+
+
 def eager_attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0
 ) -> Tensor:
     """The explicit reference: softmax(q kᵀ / √hs) v, the softmax taken in fp32."""
     T, hs = q.size(-2), q.size(-1)
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, nh, T, hs)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
     if causal:
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
@@ -148,6 +160,7 @@ def sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0
 ) -> Tensor:
     """PyTorch SDPA; on CUDA pinned to the FlashAttention kernel so it never falls to math."""
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, nh, T, hs)
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     kernels = _CUDA_HALF_KERNELS if q.dtype in _HALF else _CUDA_FP32_KERNELS
@@ -158,7 +171,7 @@ def sdpa_attention(
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0
 ) -> Tensor:
-    """The flash_attn package, which wants (B, T, nh, hs)."""
+    """The flash_attn package, which wants (B, T, nh, hs) and takes fewer kv heads as they are."""
     flash_attn_func = _flash_attn_func()
     assert not isinstance(flash_attn_func, str), flash_attn_func  # resolve_attn_impl checked
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -179,3 +192,41 @@ def make_attention_fn(impl: str) -> AttentionFn:
         raise ConfigError(f"attn_impl={impl} is not a resolved attention backend; "
                           f"valid: {', '.join(_BACKENDS)} (resolve 'auto' with resolve_attn_impl)")
     return _BACKENDS[impl]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head or grouped-query causal self-attention with a fused q/k/v projection.
+
+    ``rope`` (the (cos, sin) of ``megatrain.models.common.rotary``) rotates q and k when given;
+    GPT-2 passes none (its positions are learned and added to the input).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, attn_impl: str,
+                 dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        assert d_model % n_heads == 0 and n_heads % n_kv_heads == 0
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.attn_impl = attn_impl
+        self.attn_fn = make_attention_fn(attn_impl)
+        kv_dim = n_kv_heads * self.head_dim
+        self.split = (d_model, kv_dim, kv_dim)
+        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=bias)  # fused q, k, v
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(self.split, dim=2)  # (B, T, C), 2 x (B, T, nkv·hs)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = self.attn_fn(q, k, v, True, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, attn_impl={self.attn_impl}"

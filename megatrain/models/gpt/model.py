@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatrain.models.common.attention import make_attention_fn, resolve_attn_impl
+from megatrain.models.common.attention import CausalSelfAttention, resolve_attn_impl
+from megatrain.models.common.layers import Block, GeluMLP, RMSNorm
 from megatrain.models.flops import palm_flops_per_token
 
 
@@ -47,56 +47,27 @@ class GPTConfig:
         return n if non_embedding else n + self.max_seq_len * d
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, attn_impl: str) -> None:
-        super().__init__()
-        assert config.d_model % config.n_heads == 0
-        self.n_heads = config.n_heads
-        self.dropout = config.dropout
-        self.attn_impl = attn_impl
-        self.attn_fn = make_attention_fn(attn_impl)
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)  # fused q, k, v
-        self.proj = nn.Linear(config.d_model, config.d_model)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, C = x.size()
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
-        y = self.attn_fn(q, k, v, True, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-    def extra_repr(self) -> str:
-        return f"attn_impl={self.attn_impl}"
+def init_weights(model: nn.Module, blocks: nn.ModuleList, n_layers: int) -> None:
+    """GPT-2 init: N(0, 0.02), residual output projections N(0, 0.02/√(2L)), zero biases, unit
+    norms. Shared by the GPT-2 and Llama-style models."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+        if isinstance(module, (nn.LayerNorm, RMSNorm)):
+            module.reset_parameters()
+    # Each block adds two outputs to the residual stream; scaling keeps its variance flat.
+    resid_std = 0.02 / math.sqrt(2 * n_layers)
+    for block in blocks:
+        block.attn.proj.weight.normal_(mean=0.0, std=resid_std)
+        block.mlp.proj.weight.normal_(mean=0.0, std=resid_std)
 
 
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(config.d_model, config.d_ff)
-        self.proj = nn.Linear(config.d_ff, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))  # GPT-2's GELU
-
-
-class Block(nn.Module):
-    """One pre-LN transformer block; the unit that activation checkpointing wraps."""
-
-    def __init__(self, config: GPTConfig, attn_impl: str) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model)
-        self.attn = CausalSelfAttention(config, attn_impl)
-        self.ln_2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+def _block(config: GPTConfig, attn_impl: str) -> Block:
+    d = config.d_model
+    attn = CausalSelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout)
+    return Block(nn.LayerNorm(d), attn, nn.LayerNorm(d), GeluMLP(d, config.d_ff, config.dropout))
 
 
 class GPT(nn.Module):
@@ -117,9 +88,8 @@ class GPT(nn.Module):
             self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
             self.drop = nn.Dropout(config.dropout)
-            self.blocks = nn.ModuleList(
-                Block(config, self.attn_impl) for _ in range(config.n_layers)
-            )
+            self.blocks = nn.ModuleList(_block(config, self.attn_impl)
+                                        for _ in range(config.n_layers))
             self.ln_f = nn.LayerNorm(config.d_model)
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied
@@ -128,19 +98,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual output projections N(0, 0.02/√(2L)), zero biases."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        # Each block adds two outputs to the residual stream; scaling keeps its variance flat.
-        resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for block in self.blocks:
-            block.attn.proj.weight.normal_(mean=0.0, std=resid_std)
-            block.mlp.proj.weight.normal_(mean=0.0, std=resid_std)
+        init_weights(self, self.blocks, self.config.n_layers)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Counted parameters (tied weights once); ``non_embedding`` drops the position table."""

@@ -1,15 +1,21 @@
 """Hugging Face adapters: convert configs and state dicts to and from ``transformers`` models.
 
-``transformers`` is a dev dependency only, so adapters import it inside their functions.
+``transformers`` is an optional dependency (``megatrain[hf]``), so it is imported inside the
+functions that need it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
+
+from megatrain.errors import ConfigError
 
 StateDict = dict[str, Tensor]
 
@@ -18,6 +24,7 @@ StateDict = dict[str, Tensor]
 class HFAdapter:
     """What the export CLI and ``model.init_from=hf:DIR`` need from one family."""
 
+    model_type: str  # config.json's "model_type", e.g. "gpt2"
     architecture: str  # the transformers class name, e.g. "GPT2LMHeadModel"
     config_to_hf: Callable[[Any], Any]
     config_from_hf: Callable[[Any], Any]
@@ -25,4 +32,56 @@ class HFAdapter:
     state_dict_from_hf: Callable[[StateDict], StateDict]
 
 
-__all__ = ["HFAdapter", "StateDict"]
+def import_transformers() -> Any:
+    """The ``transformers`` module, or a ConfigError that says how to install it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ConfigError(f"Hugging Face conversion needs transformers ({e}); "
+                          "pip install 'megatrain[hf]'") from e
+    return transformers
+
+
+def _read_hf_weights(directory: Path) -> StateDict:
+    """model.safetensors, sharded safetensors (model.safetensors.index.json) or
+    pytorch_model.bin, whichever the directory has, on the CPU."""
+    from safetensors.torch import load_file
+
+    if (directory / "model.safetensors").is_file():
+        return load_file(directory / "model.safetensors")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+    if (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConfigError(f"{directory} has no model.safetensors, model.safetensors.index.json or "
+                      "pytorch_model.bin")
+
+
+def load_hf_pretrained(directory: str | Path) -> tuple[str, Any, StateDict]:
+    """(family, config, state_dict) of a Hugging Face model directory, in megatrain's terms.
+
+    The family comes from config.json's ``model_type``; the state dict loads into
+    ``get_model_spec(family).build(config, ...)`` with ``strict=True``.
+    """
+    from megatrain.models.registry import MODEL_SPECS  # the registry imports the adapters
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    specs = {spec.hf.model_type: spec for spec in MODEL_SPECS.values() if spec.hf is not None}
+    if model_type not in specs:
+        raise ConfigError(f"{directory}: model_type={model_type} has no megatrain adapter; "
+                          f"valid: {', '.join(specs)}")
+    spec = specs[model_type]
+    hf_config = import_transformers().AutoConfig.from_pretrained(directory)
+    try:
+        config = spec.hf.config_from_hf(hf_config)
+    except ValueError as e:
+        raise ConfigError(f"{directory}: {e}") from e
+    return spec.family, config, spec.hf.state_dict_from_hf(_read_hf_weights(directory))
+
+
+__all__ = ["HFAdapter", "StateDict", "import_transformers", "load_hf_pretrained"]

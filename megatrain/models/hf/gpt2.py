@@ -118,6 +118,7 @@ def state_dict_from_hf(sd: StateDict) -> StateDict:
 
 
 GPT2_ADAPTER = HFAdapter(
+    model_type="gpt2",
     architecture="GPT2LMHeadModel",
     config_to_hf=gpt2_config_to_hf,
     config_from_hf=gpt2_config_from_hf,

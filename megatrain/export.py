@@ -1,0 +1,70 @@
+"""``megatrain-export``: a checkpoint -> a Hugging Face model directory.
+
+    megatrain-export --checkpoint outputs/quickstart --out hf/quickstart
+
+The directory holds config.json, model.safetensors and the tokenizer (tokenizer.model,
+tokenizer.json, tokenizer_config.json); ``transformers.AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from megatrain.errors import ConfigError, MegatrainError
+from megatrain.generate import load_model
+from megatrain.models.hf.tokenizer import save_hf_tokenizer
+from megatrain.models.registry import spec_for_config
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the Hugging Face directory ``out`` for ``checkpoint`` (a checkpoint or run folder)."""
+    model, tokenizer = load_model(checkpoint, torch.device("cpu"))
+    spec = spec_for_config(model.config)
+    if spec.hf is None:
+        raise ConfigError(f"model.family={spec.family} has no Hugging Face adapter")
+    hf_config = spec.hf.config_to_hf(model.config)
+    hf_config.bos_token_id, hf_config.eos_token_id = _id(tokenizer.bos_id), _id(tokenizer.eos_id)
+    hf_config.pad_token_id = _id(tokenizer.pad_id)
+    state_dict = spec.hf.state_dict_to_hf(model.state_dict())
+    if hf_config.tie_word_embeddings:
+        del state_dict["lm_head.weight"]  # the embedding itself; safetensors stores it once
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    save_hf_tokenizer(tokenizer.path, out)
+    return out
+
+
+def _id(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatrain-export", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except MegatrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
