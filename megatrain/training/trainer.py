@@ -179,23 +179,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over ``trainer.eval_steps`` held-out batches per rank, averaged over ranks."""
+        """Mean token loss over ``trainer.eval_steps`` held-out batches per rank, over all ranks."""
         self.engine.eval()
-        totals = torch.zeros(2, device=self.device)  # (loss sum, batches)
+        totals = torch.zeros(2, device=self.device)  # (token-weighted loss sum, tokens)
         for batch in iter_eval_batches(
                 self.eval_manifest, seq_len=self.cfg.data.seq_len,
                 micro_batch_size=self.cfg.trainer.micro_batch_size, rank=self.world.rank,
                 world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps):
-            totals[0] += self._loss(batch)
-            totals[1] += 1
+            tokens = batch["labels"].numel()  # the last batch may have fewer rows
+            totals[0] += self._loss(batch) * tokens
+            totals[1] += tokens
         self.engine.train()
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss_sum, count = totals.tolist()
-        if count == 0:
+        loss_sum, tokens = totals.tolist()
+        if tokens == 0:
             log.warning("eval: no held-out batches (is the eval split empty?)")
             return {}
-        row = {"eval_loss": loss_sum / count, "eval_ppl": math.exp(min(loss_sum / count, 50))}
+        loss = loss_sum / tokens
+        row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
         if self.sinks:
             self.sinks.log({"step": self.progress.step, **row})
         return row
