@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from megatrain.data.manifest import MANIFEST, Manifest, ShardInfo, sha256_file
 from megatrain.data.sources import Document, iter_documents, slugify
-from megatrain.data.tokenizer import Tokenizer, train_tokenizer
+from megatrain.data.tokenizer import TOKENIZER_FORMAT, Tokenizer, train_tokenizer
 from megatrain.errors import ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -307,14 +307,14 @@ def unigram_entropy(counts: np.ndarray) -> float:
 def ensure_prepared(
     source: str, cache_dir: Path, vocab_size: int, workers: int = 2, *, progress: bool = True
 ) -> Path:
-    """Prepare ``source`` into ``cache_dir/<source>-v<vocab>`` once and return that folder.
+    """Prepare ``source`` into ``cache_dir/<source>-v<vocab>-tok<format>`` once and return that folder.
 
     An exclusive file lock serializes concurrent callers (ranks, jobs sharing a cache): the first
     prepares, the others wait and then reuse its complete output.
     """
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    out = cache_dir / f"{_cache_name(source)}-v{vocab_size}"
+    out = cache_dir / f"{_cache_name(source)}-v{vocab_size}-tok{TOKENIZER_FORMAT}"
     with (cache_dir / f".{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_prepared(out, source):

@@ -4,6 +4,11 @@ The default corpus is Python source, where indentation, tabs and newlines carry 
 model is trained with identity normalization, no whitespace collapsing, no dummy prefix and byte
 fallback: ``decode(encode(text)) == text`` for any text. SentencePiece trains line by line and
 never sees a newline, so ``"\\n"`` is a user-defined symbol (one token, never merged).
+
+Every trained model also reserves the control tokens BERT and T5 need: ``[CLS]``, ``[SEP]``,
+``[MASK]`` and the T5 sentinels ``<extra_id_0>`` … ``<extra_id_99>``. Control tokens are never
+produced by ``encode`` (text that spells them stays text) and decode to nothing; the objectives
+insert them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ import sentencepiece as spm
 from megatrain.errors import ConfigError, DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+NUM_SENTINELS = 100
+CONTROL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", *(f"<extra_id_{i}>" for i in range(NUM_SENTINELS)))
+# Bumped whenever trained tokenizers change shape, so corpora cached by an older version are
+# prepared again rather than reused.
+TOKENIZER_FORMAT = 2
+MIN_VOCAB = 256 + 5 + len(CONTROL_TOKENS) + 39  # 403: bytes, specials, a few merges
 DEFAULT_MAX_SENTENCES = 300_000
 MAX_LINE_BYTES = 8192
 
@@ -33,6 +44,18 @@ class Tokenizer:
         self.eos_id: int = processor.eos_id()
         self.bos_id: int = processor.bos_id()
         self.pad_id: int = processor.pad_id()
+        self.cls_id: int = self._control_id("[CLS]")
+        self.sep_id: int = self._control_id("[SEP]")
+        self.mask_id: int = self._control_id("[MASK]")
+        # <extra_id_0>, <extra_id_1>, ... as many as the model has, in order.
+        self.sentinel_ids: list[int] = []
+        while (sid := self._control_id(f"<extra_id_{len(self.sentinel_ids)}>")) >= 0:
+            self.sentinel_ids.append(sid)
+
+    def _control_id(self, piece: str) -> int:
+        """The id of a control ``piece``, or -1 when the model does not have it."""
+        pid = self._sp.piece_to_id(piece)
+        return pid if pid != self.unk_id or piece == self._sp.id_to_piece(pid) else -1
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -92,9 +115,10 @@ def train_tokenizer(
     seed: int = 0,
 ) -> Path:
     """Train a byte-fallback BPE model on a bounded sample of ``texts``; write ``model_path``."""
-    if vocab_size < 300:
+    if vocab_size < MIN_VOCAB:
         raise ConfigError(
-            f"vocab_size must be at least 300 (256 bytes + specials), got {vocab_size}"
+            f"vocab_size must be at least {MIN_VOCAB} (256 bytes + {MIN_VOCAB - 256} specials "
+            f"and pieces), got {vocab_size}"
         )
     lines = _sample_lines(texts, max_sentences, seed)
     if not lines:
@@ -127,6 +151,7 @@ def _trainer_options(vocab_size: int, threads: int) -> dict[str, object]:
         "allow_whitespace_only_pieces": True,
         "add_dummy_prefix": False,
         "user_defined_symbols": ["\n"],
+        "control_symbols": list(CONTROL_TOKENS),
         "unk_id": UNK_ID,
         "bos_id": BOS_ID,
         "eos_id": EOS_ID,

@@ -218,7 +218,7 @@ def test_ensure_prepared_prepares_once_under_concurrency(
     assert mtimes[0] == mtimes[1]  # the second waited for the lock, then reused the corpus
     folder = ensure_prepared(str(src), cache, 512, workers=1, progress=False)
     assert (folder / "manifest.json").stat().st_mtime_ns == mtimes[0]
-    assert folder.name.endswith("-v512") and Manifest.load(folder).source == str(src)
+    assert folder.name.endswith("-v512-tok2") and Manifest.load(folder).source == str(src)
     (folder / "train-000000.tar").unlink()  # an incomplete cache is prepared again
     ensure_prepared(str(src), cache, 512, workers=1, progress=False)
     Manifest.load(folder).check_files()

@@ -88,5 +88,16 @@ def test_train_rejects_empty_corpus_and_tiny_vocab(tmp_path: Path) -> None:
         train_tokenizer(["", "  \n"], tmp_path / "t.model", 512)
     with pytest.raises(ConfigError, match="vocab_size"):
         train_tokenizer(["some text"], tmp_path / "t.model", 100)
-    with pytest.raises(ConfigError, match="cannot train a 300-piece"):  # 256 bytes + 5 + 64 chars
-        train_tokenizer(["".join(map(chr, range(0x4E00, 0x4E40)))], tmp_path / "t.model", 300)
+    with pytest.raises(ConfigError, match="cannot train a 403-piece"):  # 364 reserved + 64 chars
+        train_tokenizer(["".join(map(chr, range(0x4E00, 0x4E40)))], tmp_path / "t.model", 403)
+
+
+def test_control_tokens_are_reserved_and_never_encoded(code_tokenizer: Tokenizer) -> None:
+    tok = code_tokenizer
+    specials = [tok.cls_id, tok.sep_id, tok.mask_id, *tok.sentinel_ids]
+    assert len(tok.sentinel_ids) == 100 and min(specials) > tok.pad_id
+    assert len(set(specials)) == len(specials)
+    text = "[MASK] <extra_id_0> [CLS]"
+    assert not set(tok.encode(text)) & set(specials)  # text that spells them stays text
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([tok.mask_id, *tok.sentinel_ids[:3]]) == ""
