@@ -28,7 +28,7 @@ CONTROL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", *(f"<extra_id_{i}>" for i in range
 # Bumped whenever trained tokenizers change shape, so corpora cached by an older version are
 # prepared again rather than reused.
 TOKENIZER_FORMAT = 2
-MIN_VOCAB = 256 + 5 + len(CONTROL_TOKENS) + 39  # 403: bytes, specials, a few merges
+MIN_VOCAB = 256 + 5 + len(CONTROL_TOKENS)  # bytes, unk/bos/eos/pad/newline, control tokens
 DEFAULT_MAX_SENTENCES = 300_000
 MAX_LINE_BYTES = 8192
 
@@ -117,8 +117,8 @@ def train_tokenizer(
     """Train a byte-fallback BPE model on a bounded sample of ``texts``; write ``model_path``."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(
-            f"vocab_size must be at least {MIN_VOCAB} (256 bytes + {MIN_VOCAB - 256} specials "
-            f"and pieces), got {vocab_size}"
+            f"vocab_size must be at least {MIN_VOCAB} (256 bytes + {MIN_VOCAB - 256} special "
+            f"tokens), got {vocab_size}"
         )
     lines = _sample_lines(texts, max_sentences, seed)
     if not lines:

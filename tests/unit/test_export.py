@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 CORPUS = Path(json.__file__).read_text()[:8000]  # a few KB of Python source
 TEXT = 'def f(x):\n\treturn  {"a": x}  # héllo wörld 日本 🎉\n\n\nclass  B:  pass\n'
-VOCAB = 400
+VOCAB = 512
 
 
 @pytest.fixture(scope="module")
