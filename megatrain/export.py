@@ -3,8 +3,8 @@
     megatrain-export --checkpoint outputs/quickstart --out hf/quickstart
 
 The directory holds config.json, model.safetensors and the tokenizer (tokenizer.model,
-tokenizer.json, tokenizer_config.json); ``transformers.AutoModelForCausalLM.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` load it.
+tokenizer.json, tokenizer_config.json); the family's ``transformers`` class (GPT2LMHeadModel,
+LlamaForCausalLM, BertForMaskedLM, T5ForConditionalGeneration) and ``AutoTokenizer`` load it.
 """
 
 from __future__ import annotations
@@ -31,15 +31,25 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     hf_config = spec.hf.config_to_hf(model.config)
     hf_config.bos_token_id, hf_config.eos_token_id = _id(tokenizer.bos_id), _id(tokenizer.eos_id)
     hf_config.pad_token_id = _id(tokenizer.pad_id)
-    state_dict = spec.hf.state_dict_to_hf(model.state_dict())
-    if hf_config.tie_word_embeddings:
-        del state_dict["lm_head.weight"]  # the embedding itself; safetensors stores it once
+    state_dict = _without_aliases(spec.hf.state_dict_to_hf(model.state_dict()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     save_hf_tokenizer(tokenizer.path, out)
+    return out
+
+
+def _without_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop every later name of a tensor stored under an earlier one (a tied output head is the
+    token embedding): safetensors stores a tensor once and transformers re-ties on load."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
     return out
 
 

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class ModelConfig:
-    family: str = "gpt"  # gpt | llama (see megatrain.models.registry)
+    family: str = "gpt"  # gpt | llama | bert | t5 (see megatrain.models.registry)
     size: Optional[str] = "gpt2-tiny"  # a named size of the family; explicit dims below override it
     n_layers: Optional[int] = None
     d_model: Optional[int] = None
@@ -25,8 +25,14 @@ class ModelConfig:
     max_seq_len: Optional[int] = None  # None: the size's default
     rope_theta: Optional[float] = None  # llama
     tie_embeddings: Optional[bool] = None  # llama (GPT-2 is always tied)
+    head_dim: Optional[int] = None  # t5 (d_kv): None = the size's, or d_model / n_heads
+    n_decoder_layers: Optional[int] = None  # t5: None = the size's, or n_layers
+    norm_position: Optional[str] = None  # bert: post (as in BERT) | pre
     dropout: float = 0.0
-    attn_impl: str = "auto"  # auto | flash_attn | sdpa | eager
+    attn_impl: str = "auto"  # auto | flash_attn | sdpa | flex | eager
+    # None: random init. A megatrain checkpoint (its weights only) or hf:DIR (a Hugging Face
+    # model directory of the same family); its dims replace size and the explicit dims.
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,22 +18,14 @@ from megatrain.errors import ConfigError
 from megatrain.models.common.attention import ATTN_IMPLS
 from megatrain.models.gpt.llama import LlamaConfig, build_llama, llama_flops_per_token
 from megatrain.models.gpt.model import GPTConfig, build_gpt, gpt_flops_per_token
-from megatrain.models.hf import HFAdapter
 from megatrain.models.hf.gpt2 import GPT2_ADAPTER
 from megatrain.models.hf.llama import LLAMA_ADAPTER
+from megatrain.models.spec import ModelSpec
+
+__all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "get_model_spec", "resolve_model_config",
+           "spec_for_config"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    family: str
-    sizes: dict[str, dict[str, Any]]  # size name -> config_cls fields (vocab_size comes later)
-    config_cls: type
-    build: Callable[[Any, torch.device | str, torch.dtype], nn.Module]  # (config, device, dtype)
-    objective: str  # the data objective it trains on: clm | mlm | span
-    flops_per_token: Callable[[Any, int], float]  # (config, seq_len) -> training FLOPs
-    hf: HFAdapter | None = None
 
 
 def _gpt2_size(n_layers: int, d_model: int, n_heads: int, max_seq_len: int = 1024) -> dict:

@@ -7,6 +7,7 @@ import torch
 
 from megatrain.errors import ConfigError
 from megatrain.models.common.attention import (
+    AttnMask,
     eager_attention,
     make_attention_fn,
     resolve_attn_impl,
@@ -75,3 +76,39 @@ def test_gpt_trains_a_step_in_bf16() -> None:
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
     loss.backward()
     assert torch.isfinite(loss) and model.tok_emb.weight.grad is not None
+
+
+def _masks(B: int, nh: int, T: int) -> dict[str, AttnMask]:
+    keep = torch.ones(B, T, dtype=torch.bool, device=CUDA)
+    keep[0, T // 2:] = False
+    docs = (torch.arange(T, device=CUDA) // (T // 4)).expand(B, T)  # four documents per row
+    bias = torch.randn(1, nh, T, T, device=CUDA)
+    return {"padding": AttnMask(key_padding=keep), "documents": AttnMask(doc_ids=docs),
+            "bias": AttnMask(bias=bias)}
+
+
+@pytest.mark.parametrize("kind", ["padding", "documents", "bias"])
+def test_masked_backends_match_eager_in_bf16(kind: str) -> None:
+    q, k, v = _qkv(torch.bfloat16)
+    impls = ["sdpa", "flex"] + [i for i in _fast_backends() if i == "flash_attn" and kind != "bias"]
+    for impl in impls:
+        ref = eager_attention(q.float(), k.float(), v.float(), True, mask=_masks(2, 8, 256)[kind])
+        out = make_attention_fn(impl)(q, k, v, True, 0.0, _masks(2, 8, 256)[kind])
+        real = _masks(2, 8, 256)["padding"].key_padding if kind == "padding" else None
+        if real is not None:  # padded queries of a causal row still see earlier real keys
+            ref, out = ref[:, :, :128], out[:, :, :128]
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=impl)
+
+
+def test_flex_bias_gradient_matches_eager() -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(torch.float32, T=128))
+    grads = []
+    for impl in ("eager", "flex"):
+        bias = torch.zeros(1, 8, 128, 128, device=CUDA, requires_grad=True)
+        make_attention_fn(impl)(q, k, v, False, 0.0, AttnMask(bias=bias)).square().sum().backward()
+        grads.append(bias.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=1e-3)
+
+
+def test_auto_with_bias_is_flex() -> None:
+    assert resolve_attn_impl("auto", CUDA, torch.bfloat16, bias=True) == "flex"

@@ -90,6 +90,10 @@ def test_exported_tokenizer_gives_megatrain_ids(tokenizer_path: Path, tmp_path: 
     assert hf_tok.encode(TEXT, add_special_tokens=False) == ids
     assert hf_tok.decode(ids) == TEXT
     assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.eos_id, ours.pad_id)
+    assert (hf_tok.mask_token_id, hf_tok.cls_token_id, hf_tok.sep_token_id) == (
+        ours.mask_id, ours.cls_id, ours.sep_id)
+    assert hf_tok.convert_tokens_to_ids("<extra_id_0>") == ours.sentinel_ids[0]
+    assert hf_tok.decode([ours.mask_id], skip_special_tokens=True) == ""
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["eos_token_id"], config["bos_token_id"]) == (ours.eos_id, ours.bos_id)

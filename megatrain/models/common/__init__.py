@@ -1,25 +1,32 @@
-"""Building blocks shared by model families: attention, norms, MLPs, rotary positions."""
+"""Building blocks shared by model families: attention, norms, MLPs, positions."""
 
 from megatrain.models.common.attention import (
     ATTN_IMPLS,
     AttentionFn,
-    CausalSelfAttention,
+    AttnMask,
+    CrossAttention,
+    SelfAttention,
     make_attention_fn,
     resolve_attn_impl,
 )
 from megatrain.models.common.layers import Block, GeluMLP, RMSNorm, SwiGLU
+from megatrain.models.common.positions import batch_mask, positions_in_documents
 from megatrain.models.common.rotary import apply_rotary, rotary_cos_sin
 
 __all__ = [
     "ATTN_IMPLS",
     "AttentionFn",
+    "AttnMask",
     "Block",
-    "CausalSelfAttention",
+    "CrossAttention",
     "GeluMLP",
     "RMSNorm",
+    "SelfAttention",
     "SwiGLU",
     "apply_rotary",
+    "batch_mask",
     "make_attention_fn",
+    "positions_in_documents",
     "resolve_attn_impl",
     "rotary_cos_sin",
 ]

@@ -1,21 +1,31 @@
 """Attention backends, chosen once when a model is built and logged.
 
-Every backend takes q of shape (B, nh, T, hs) and k, v of shape (B, nkv, T, hs), where nkv divides
-nh (grouped-query attention; nkv == nh is plain multi-head), and returns (B, nh, T, hs):
+Every backend takes q of shape (B, nh, Tq, hs) and k, v of shape (B, nkv, Tk, hs), where nkv
+divides nh (grouped-query attention; nkv == nh is plain multi-head), plus an optional
+:class:`AttnMask` (padding, document boundaries, an additive bias), and returns (B, nh, Tq, hs):
 
-- ``flash_attn``: the FlashAttention-2 package (CUDA, compute capability >= 8.0, fp16/bf16).
+- ``flash_attn``: the FlashAttention-2 package (CUDA, compute capability >= 8.0, fp16/bf16); its
+  varlen API serves padding and document masks. It cannot add a bias (T5).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``. On CUDA it is pinned to the
-  FlashAttention kernel (FLASH + memory-efficient in fp32, where FLASH cannot run), so a shape or
-  dtype that would need the slow math kernel fails loudly instead of silently running slow.
-- ``eager``: an explicit softmax(q kᵀ / √hs) v, the reference the others are tested against.
+  FlashAttention kernel (FLASH + memory-efficient in fp32, where FLASH cannot run; memory-efficient
+  when a mask is given, which FLASH cannot take), so a shape or dtype that would need the slow
+  math kernel fails loudly instead of silently running slow.
+- ``flex``: FlexAttention (compiled; CUDA only, it has no backward on CPU): block-sparse masks
+  and T5's bias in one kernel.
+- ``eager``: an explicit softmax(q kᵀ · scale + mask) v, the reference the others are tested
+  against.
 
-``flash_attn`` groups kv heads natively; ``sdpa`` and ``eager`` repeat each kv head nh / nkv times
-first (SDPA's own ``enable_gqa`` is not supported by every CUDA kernel it is pinned to).
+``flash_attn`` and ``flex`` group kv heads natively; ``sdpa`` and ``eager`` repeat each kv head
+nh / nkv times first (SDPA's own ``enable_gqa`` is not supported by every CUDA kernel it is
+pinned to).
 
 On CPU ``auto`` picks ``sdpa`` rather than ``eager`` (a deliberate departure from DESIGN.md):
 PyTorch's fused CPU kernel gives the same numbers as the explicit softmax, runs its forward 4-8x
 faster (T=512-2048, 2 cores; training is on par, its backward dominates) and never holds a (T, T)
-score matrix.
+score matrix. A model whose attention carries a bias (T5) resolves ``auto`` to ``flex`` on CUDA.
+
+Masked-out scores get the dtype's most negative finite value rather than -inf (as Hugging Face
+does), so a query with nothing to attend to (a padding position) stays finite.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,27 +47,55 @@ from megatrain.models.common.rotary import apply_rotary
 
 logger = logging.getLogger(__name__)
 
-ATTN_IMPLS = ("auto", "flash_attn", "sdpa", "eager")
+ATTN_IMPLS = ("auto", "flash_attn", "sdpa", "flex", "eager")
 _HALF = (torch.float16, torch.bfloat16)
 _CUDA_HALF_KERNELS = [SDPBackend.FLASH_ATTENTION]
 _CUDA_FP32_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+_CUDA_MASKED_KERNELS = [SDPBackend.EFFICIENT_ATTENTION]
 
-# (q, k, v, causal, dropout_p) -> out; q and out are (B, nh, T, hs), k and v (B, nkv, T, hs)
-AttentionFn = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
+
+@dataclass
+class AttnMask:
+    """What restricts or shifts attention besides causality; built once per forward.
+
+    ``key_padding`` (B, Tk) bool is True for real tokens. ``doc_ids`` (B, T) int (self-attention
+    only) lets a query see only keys of its own document (packed sequences). ``bias`` (1 or B, nh,
+    Tq, Tk) is added to the scores (T5's relative positions). Backends memoise what they derive
+    from it (an additive mask, a block mask, a varlen layout) in ``derived``, so every layer of a
+    forward — and its recomputation under activation checkpointing — reuses one copy.
+    """
+
+    key_padding: Tensor | None = None
+    doc_ids: Tensor | None = None
+    bias: Tensor | None = None
+    derived: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0,
+                 mask: AttnMask | None = None, scale: float | None = None) -> Tensor: ...
+
+
+# --- resolution -------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
-def _flash_attn_func() -> Callable[..., Any] | str:
-    """The flash_attn kernel, or why it cannot be imported."""
+def _flash_attn_module() -> Any:
+    """The flash_attn module, or why it cannot be imported (a str)."""
     try:
-        from flash_attn import flash_attn_func
+        import flash_attn
     except ImportError as e:
         if getattr(e, "name", None) == "flash_attn":
             return "the flash_attn package is not installed (pip install megatrain[flash])"
         return f"the flash_attn package failed to import ({e})"
     except OSError as e:  # a wheel built against another CUDA / torch
         return f"the flash_attn package failed to import ({e})"
-    return flash_attn_func
+    return flash_attn
 
 
 def _cuda_problem(device: torch.device) -> str | None:
@@ -74,11 +113,13 @@ def _ampere_problem(device: torch.device, what: str) -> str | None:
     return None
 
 
-def _flash_attn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+def _flash_attn_problem(device: torch.device, dtype: torch.dtype, bias: bool) -> str | None:
     """Why the flash_attn package cannot run here, or None when it can."""
+    if bias:
+        return "cannot add an attention bias (T5's relative positions); use flex, sdpa or eager"
     problem = _cuda_problem(device)
-    if problem is None and isinstance(_flash_attn_func(), str):
-        problem = _flash_attn_func()
+    if problem is None and isinstance(_flash_attn_module(), str):
+        problem = _flash_attn_module()
     if problem is None:
         problem = _ampere_problem(device, "flash_attn")
     if problem is None and dtype not in _HALF:
@@ -86,24 +127,34 @@ def _flash_attn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     return problem
 
 
-def _sdpa_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+def _sdpa_problem(device: torch.device, dtype: torch.dtype, bias: bool) -> str | None:
     """Why pinned SDPA cannot run here, or None when it can (CPU always can)."""
     if device.type != "cuda":
         return None
     problem = _cuda_problem(device)
-    if problem is None and dtype in _HALF:
+    if problem is None and dtype in _HALF and not bias:
         problem = _ampere_problem(device, f"SDPA's FlashAttention kernel in {dtype}")
     return problem
 
 
-def _auto(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def _flex_problem(device: torch.device, dtype: torch.dtype, bias: bool) -> str | None:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"FlexAttention is not in this torch ({torch.__version__}): {e}"
+    return _cuda_problem(device) and "needs a CUDA GPU to train (it has no backward on CPU)"
+
+
+def _auto(device: torch.device, dtype: torch.dtype, bias: bool) -> tuple[str, str]:
     """The fastest backend that can run here, and why it was picked."""
-    flash_problem = _flash_attn_problem(device, dtype)
+    flash_problem = _flash_attn_problem(device, dtype, bias)
     if flash_problem is None:
         return "flash_attn", "flash_attn package on a supported GPU"
     if device.type != "cuda":
         return "sdpa", f"PyTorch's fused {device.type} kernel"
-    sdpa_problem = _sdpa_problem(device, dtype)
+    if bias and _flex_problem(device, dtype, bias) is None:
+        return "flex", "FlexAttention: the attention carries a bias the flash kernels cannot add"
+    sdpa_problem = _sdpa_problem(device, dtype, bias)
     if sdpa_problem is not None:
         raise ConfigError(f"attn_impl=auto: no fast attention kernel can run: {sdpa_problem}; "
                           "set attn_impl=eager to accept the slow path")
@@ -113,26 +164,34 @@ def _auto(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
                     "the FlashAttention kernel alone")
 
 
-def resolve_attn_impl(requested: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """Turn ``auto | flash_attn | sdpa | eager`` into a backend that runs on ``device``.
+_PROBLEMS = {"flash_attn": _flash_attn_problem, "sdpa": _sdpa_problem, "flex": _flex_problem}
 
-    ``dtype`` is the dtype attention computes in (the autocast dtype when autocast is on). Called
-    once at build time so a backend that cannot run fails before training starts.
+
+def resolve_attn_impl(requested: str, device: torch.device | str, dtype: torch.dtype,
+                      *, bias: bool = False) -> str:
+    """Turn ``auto | flash_attn | sdpa | flex | eager`` into a backend that runs on ``device``.
+
+    ``dtype`` is the dtype attention computes in (the autocast dtype when autocast is on);
+    ``bias`` says whether the model adds a bias to the scores (T5). Called once at build time so
+    a backend that cannot run fails before training starts.
     """
     if requested not in ATTN_IMPLS:
         raise ConfigError(f"attn_impl={requested} is not an attention backend; "
                           f"valid: {', '.join(ATTN_IMPLS)}")
     device = torch.device(device)
     if requested == "auto":
-        impl, why = _auto(device, dtype)
+        impl, why = _auto(device, dtype, bias)
     else:
-        checks = {"flash_attn": _flash_attn_problem, "sdpa": _sdpa_problem}
-        problem = checks[requested](device, dtype) if requested in checks else None
+        check = _PROBLEMS.get(requested)
+        problem = check(device, dtype, bias) if check else None
         if problem is not None:
             raise ConfigError(f"attn_impl={requested}: {problem}")
         impl, why = requested, "as requested"
     logger.info("attention backend: %s (%s; device=%s, dtype=%s)", impl, why, device, dtype)
     return impl
+
+
+# --- masks ------------------------------------------------------------------------------------
 
 
 def repeat_kv(kv: Tensor, n_heads: int) -> Tensor:
@@ -141,47 +200,184 @@ def repeat_kv(kv: Tensor, n_heads: int) -> Tensor:
     return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
 
 
-def eager_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0
-) -> Tensor:
-    """The explicit reference: softmax(q kᵀ / √hs) v, the softmax taken in fp32."""
-    T, hs = q.size(-2), q.size(-1)
-    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, nh, T, hs)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-    if causal:
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
-        att = att.masked_fill(future, float("-inf"))
-    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+def _allowed(mask: AttnMask | None, causal: bool, Tq: int, Tk: int,
+             device: torch.device) -> Tensor | None:
+    """Bool (B or 1, 1, Tq, Tk): which keys each query may see; None when all of them."""
+    allowed = None
+    if causal:  # the last Tq of Tk positions (Tq < Tk when generating with a prefix)
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)[None, None]
+    if mask is not None and mask.key_padding is not None:
+        pad = mask.key_padding.bool()[:, None, None, :]  # (B, 1, 1, Tk)
+        allowed = pad if allowed is None else allowed & pad
+    if mask is not None and mask.doc_ids is not None:
+        docs = mask.doc_ids
+        same = (docs[:, :, None] == docs[:, None, :])[:, None]  # (B, 1, T, T)
+        allowed = same if allowed is None else allowed & same
+    return allowed
+
+
+def additive_mask(mask: AttnMask | None, causal: bool, Tq: int, Tk: int, dtype: torch.dtype,
+                  device: torch.device) -> Tensor | None:
+    """(B or 1, 1 or nh, Tq, Tk) scores offset in ``dtype``: 0 or the most negative finite
+    value where a key is hidden, plus the bias; None when nothing is hidden or added."""
+    key = ("additive", causal, Tq, Tk, dtype)
+
+    def build() -> Tensor | None:
+        allowed = _allowed(mask, causal, Tq, Tk, device)
+        bias = None if mask is None else mask.bias
+        if allowed is None:
+            return None if bias is None else bias.to(dtype)
+        out = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        out = out.masked_fill(~allowed, torch.finfo(dtype).min)
+        return out if bias is None else out + bias.to(dtype)
+
+    return build() if mask is None else mask.cached(key, build)
+
+
+def _plain(mask: AttnMask | None) -> bool:
+    return mask is None or (mask.key_padding is None and mask.doc_ids is None
+                            and mask.bias is None)
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0,
+                    mask: AttnMask | None = None, scale: float | None = None) -> Tensor:
+    """The explicit reference: softmax(q kᵀ · scale + mask) v, the softmax taken in fp32."""
+    Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, nh, Tk, hs)
+    scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    att = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, Tq, Tk)
+    offset = additive_mask(mask, causal, Tq, Tk, torch.float32, q.device)
+    if offset is not None:
+        att = att + offset
+    att = F.softmax(att, dim=-1).to(q.dtype)
     att = F.dropout(att, p=dropout_p, training=dropout_p > 0)
-    return att @ v  # (B, nh, T, hs)
+    return att @ v  # (B, nh, Tq, hs)
 
 
-def sdpa_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0
-) -> Tensor:
-    """PyTorch SDPA; on CUDA pinned to the FlashAttention kernel so it never falls to math."""
-    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, nh, T, hs)
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0,
+                   mask: AttnMask | None = None, scale: float | None = None) -> Tensor:
+    """PyTorch SDPA; on CUDA pinned to fused kernels so it never falls to the math kernel."""
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, nh, Tk, hs)
+    kwargs: dict[str, Any] = {"dropout_p": dropout_p, "scale": scale}
+    causal_only = _plain(mask) and (not causal or q.size(-2) == k.size(-2))
+    if causal_only:
+        kwargs["is_causal"] = causal
+        kernels = _CUDA_HALF_KERNELS if q.dtype in _HALF else _CUDA_FP32_KERNELS
+    else:
+        kwargs["attn_mask"] = additive_mask(mask, causal, q.size(-2), k.size(-2), q.dtype,
+                                            q.device)
+        kernels = _CUDA_MASKED_KERNELS
     if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
-    kernels = _CUDA_HALF_KERNELS if q.dtype in _HALF else _CUDA_FP32_KERNELS
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
     with sdpa_kernel(kernels):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0
-) -> Tensor:
-    """The flash_attn package, which wants (B, T, nh, hs) and takes fewer kv heads as they are."""
-    flash_attn_func = _flash_attn_func()
-    assert not isinstance(flash_attn_func, str), flash_attn_func  # resolve_attn_impl checked
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          dropout_p=dropout_p, causal=causal)  # (B, T, nh, hs)
-    return out.transpose(1, 2)  # (B, nh, T, hs)
+def varlen_layout(mask: AttnMask, B: int, T: int) -> tuple[Tensor, Tensor, int]:
+    """(indices of kept tokens in the flattened (B·T), cu_seqlens int32, max_seqlen) for
+    flash_attn's varlen API: a sequence is a run of one document within one row, padding left
+    out. Syncs with the host once (max_seqlen), memoised per forward."""
+
+    def build() -> tuple[Tensor, Tensor, int]:
+        device = (mask.doc_ids if mask.doc_ids is not None else mask.key_padding).device
+        seg = mask.doc_ids if mask.doc_ids is not None else torch.zeros(
+            B, T, dtype=torch.long, device=device)
+        keep = torch.ones(B, T, dtype=torch.bool, device=device) if mask.key_padding is None \
+            else mask.key_padding.bool()
+        starts = torch.ones(B, T, dtype=torch.bool, device=device)
+        starts[:, 1:] = (seg[:, 1:] != seg[:, :-1]) | (keep[:, 1:] != keep[:, :-1])
+        kept = keep.flatten()
+        indices = kept.nonzero().squeeze(1)
+        lengths = torch.diff(torch.cat([starts.flatten()[kept].nonzero().squeeze(1),
+                                        torch.tensor([indices.numel()], device=device)]))
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return indices, cu, int(lengths.max())
+
+    return mask.cached(("varlen", B, T), build)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0,
+                    mask: AttnMask | None = None, scale: float | None = None) -> Tensor:
+    """The flash_attn package, which wants (B, T, nh, hs) and takes fewer kv heads as they are;
+    padding and documents go through its varlen API (self-attention)."""
+    fa = _flash_attn_module()
+    assert not isinstance(fa, str), fa  # resolve_attn_impl checked
+    if mask is not None and mask.bias is not None:
+        raise ValueError("flash_attn cannot add an attention bias")
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, h, hs)
+    if _plain(mask):
+        out = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+        return out.transpose(1, 2)  # (B, nh, T, hs)
+    B, T = q.shape[:2]
+    if k.size(1) != T:
+        raise ValueError("flash_attn with a padding or document mask is self-attention only")
+    indices, cu, max_len = varlen_layout(mask, B, T)
+    flat = [t.flatten(0, 1).index_select(0, indices) for t in (q, k, v)]  # (n, h, hs)
+    out = fa.flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, dropout_p=dropout_p,
+                                    softmax_scale=scale, causal=causal)
+    full = out.new_zeros(B * T, *out.shape[1:]).index_copy_(0, indices, out)
+    return full.view(B, T, *out.shape[1:]).transpose(1, 2)  # (B, nh, T, hs)
+
+
+@functools.lru_cache(maxsize=2)
+def _flex_fn(compiled: bool) -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def _flex_block_mask(mask: AttnMask | None, causal: bool, B: int, Tq: int, Tk: int,
+                     device: torch.device) -> Any:
+    """FlexAttention's block mask for causality, padding and documents; None when none apply."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    padding = None if mask is None else mask.key_padding
+    docs = None if mask is None else mask.doc_ids
+    if not causal and padding is None and docs is None:
+        return None
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        keep = q_idx + (Tk - Tq) >= kv_idx if causal else q_idx >= 0
+        if padding is not None:
+            keep = keep & padding[b, kv_idx]
+        if docs is not None:
+            keep = keep & (docs[b, q_idx] == docs[b, kv_idx])
+        return keep
+
+    batch = None if padding is None and docs is None else B
+    build = functools.partial(create_block_mask, mask_mod, batch, None, Tq, Tk, device=device)
+    return build() if mask is None else mask.cached(("flex_block", causal, Tq, Tk), build)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float = 0.0,
+                   mask: AttnMask | None = None, scale: float | None = None) -> Tensor:
+    """FlexAttention: compiled on CUDA; on CPU PyTorch's unfused forward (tests only: no
+    backward there). No dropout."""
+    if dropout_p > 0:
+        raise ValueError("attn_impl=flex has no attention dropout; set model.dropout=0 "
+                         "or use attn_impl=sdpa")
+    B, Tq, Tk = q.size(0), q.size(-2), k.size(-2)
+    block_mask = _flex_block_mask(mask, causal, B, Tq, Tk, q.device)
+    score_mod = None
+    if mask is not None and mask.bias is not None:
+        bias = mask.bias  # (1 or B, nh, Tq, Tk)
+        per_batch = bias.size(0) > 1
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor,
+                      kv_idx: Tensor) -> Tensor:
+            return score + bias[b if per_batch else 0, h, q_idx, kv_idx]
+
+    fn = _flex_fn(q.device.type == "cuda")
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+              enable_gqa=k.size(1) != q.size(1))
 
 
 _BACKENDS: dict[str, AttentionFn] = {
     "flash_attn": flash_attention,
     "sdpa": sdpa_attention,
+    "flex": flex_attention,
     "eager": eager_attention,
 }
 
@@ -194,39 +390,86 @@ def make_attention_fn(impl: str) -> AttentionFn:
     return _BACKENDS[impl]
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head or grouped-query causal self-attention with a fused q/k/v projection.
+# --- modules ----------------------------------------------------------------------------------
+
+
+def _split_heads(x: Tensor, n: int, head_dim: int) -> Tensor:
+    """(B, T, n·hs) -> (B, n, T, hs)."""
+    B, T, _ = x.size()
+    return x.view(B, T, n, head_dim).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head or grouped-query self-attention, causal or bidirectional, with a fused q/k/v
+    projection.
 
     ``rope`` (the (cos, sin) of ``megatrain.models.common.rotary``) rotates q and k when given;
-    GPT-2 passes none (its positions are learned and added to the input).
+    GPT-2 and BERT pass none (their positions are learned and added to the input). ``head_dim``
+    defaults to d_model / n_heads (T5 sets its own); ``scale`` to 1/√head_dim (T5 uses 1).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, attn_impl: str,
-                 dropout: float = 0.0, bias: bool = True) -> None:
+                 dropout: float = 0.0, bias: bool = True, *, causal: bool = True,
+                 head_dim: int | None = None, scale: float | None = None) -> None:
         super().__init__()
-        assert d_model % n_heads == 0 and n_heads % n_kv_heads == 0
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        assert n_heads % n_kv_heads == 0
+        self.n_heads, self.n_kv_heads, self.causal, self.scale = n_heads, n_kv_heads, causal, scale
+        self.head_dim = head_dim or d_model // n_heads
+        assert head_dim or d_model % n_heads == 0
         self.dropout = dropout
         self.attn_impl = attn_impl
         self.attn_fn = make_attention_fn(attn_impl)
-        kv_dim = n_kv_heads * self.head_dim
-        self.split = (d_model, kv_dim, kv_dim)
-        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=bias)  # fused q, k, v
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        q_dim, kv_dim = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)  # fused q, k, v
+        self.proj = nn.Linear(q_dim, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        B, T, C = x.size()
-        q, k, v = self.qkv(x).split(self.split, dim=2)  # (B, T, C), 2 x (B, T, nkv·hs)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                mask: AttnMask | None = None) -> Tensor:
+        B, T, _ = x.size()
+        q, k, v = self.qkv(x).split(self.split, dim=2)
+        q = _split_heads(q, self.n_heads, self.head_dim)  # (B, nh, T, hs)
+        k = _split_heads(k, self.n_kv_heads, self.head_dim)  # (B, nkv, T, hs)
+        v = _split_heads(v, self.n_kv_heads, self.head_dim)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = self.attn_fn(q, k, v, True, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = self.attn_fn(q, k, v, self.causal, self.dropout if self.training else 0.0,
+                         mask, self.scale)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hs)
         return self.resid_dropout(self.proj(y))
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, attn_impl={self.attn_impl}"
+        return (f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, causal={self.causal}, "
+                f"attn_impl={self.attn_impl}")
+
+
+class CrossAttention(nn.Module):
+    """Attention from a decoder's states (queries) to an encoder's output (keys and values),
+    with a fused k/v projection; ``mask.key_padding`` hides the encoder's padding."""
+
+    def __init__(self, d_model: int, n_heads: int, attn_impl: str, dropout: float = 0.0,
+                 bias: bool = True, *, head_dim: int | None = None,
+                 scale: float | None = None) -> None:
+        super().__init__()
+        self.n_heads, self.scale, self.dropout = n_heads, scale, dropout
+        self.head_dim = head_dim or d_model // n_heads
+        self.attn_impl = attn_impl
+        self.attn_fn = make_attention_fn(attn_impl)
+        inner = n_heads * self.head_dim
+        self.q = nn.Linear(d_model, inner, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * inner, bias=bias)  # fused k, v
+        self.proj = nn.Linear(inner, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None) -> Tensor:
+        B, T, _ = x.size()
+        q = _split_heads(self.q(x), self.n_heads, self.head_dim)  # (B, nh, T, hs)
+        k, v = (_split_heads(t, self.n_heads, self.head_dim)
+                for t in self.kv(memory).chunk(2, dim=2))  # 2 x (B, nh, S, hs)
+        y = self.attn_fn(q, k, v, False, self.dropout if self.training else 0.0, mask, self.scale)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, attn_impl={self.attn_impl}"
+

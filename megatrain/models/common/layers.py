@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megatrain.models.common.attention import AttnMask
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) · weight, computed in fp32 and cast back (as Hugging Face Llama does)."""
@@ -57,13 +59,15 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block; the unit that activation checkpointing wraps.
 
-    The model picks the norms, attention and MLP; ``rope`` is passed through to the attention.
+    The model picks the norms, attention and MLP; ``rope`` and ``mask`` are passed through to
+    the attention.
     """
 
     def __init__(self, ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                mask: AttnMask | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask)
         return x + self.mlp(self.ln_2(x))

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from megatrain.models.common.attention import CausalSelfAttention, resolve_attn_impl
+from megatrain.models.common.attention import SelfAttention, resolve_attn_impl
 from megatrain.models.common.layers import Block, RMSNorm, SwiGLU
+from megatrain.models.common.positions import batch_mask, positions_in_documents
 from megatrain.models.common.rotary import rotary_cos_sin
 from megatrain.models.flops import palm_flops_per_token
 from megatrain.models.gpt.model import init_weights
@@ -56,7 +57,7 @@ class LlamaConfig:
 
 def _block(config: LlamaConfig, attn_impl: str) -> Block:
     d, eps = config.d_model, config.norm_eps
-    attn = CausalSelfAttention(d, config.n_heads, config.n_kv_heads, attn_impl, config.dropout,
+    attn = SelfAttention(d, config.n_heads, config.n_kv_heads, attn_impl, config.dropout,
                                bias=False)
     mlp = SwiGLU(d, config.d_ff, config.dropout)
     return Block(RMSNorm(d, eps), attn, RMSNorm(d, eps), mlp)
@@ -96,15 +97,20 @@ class Llama(nn.Module):
         """Counted parameters (a tied head once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> Tensor:
+        """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
+        ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting."""
         T = input_ids.size(1)
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         head_dim = self.config.d_model // self.config.n_heads
-        rope = rotary_cos_sin(T, head_dim, self.config.rope_theta, input_ids.device)  # 2 x (T, hs)
+        positions = None if doc_ids is None else positions_in_documents(doc_ids)
+        rope = rotary_cos_sin(T, head_dim, self.config.rope_theta, input_ids.device, positions)
+        mask = batch_mask(attention_mask, doc_ids)
         x = self.drop(self.tok_emb(input_ids))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, rope)  # (B, T, C)
+            x = block(x, rope, mask)  # (B, T, C)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 

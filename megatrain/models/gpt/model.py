@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from megatrain.models.common.attention import CausalSelfAttention, resolve_attn_impl
+from megatrain.models.common.attention import SelfAttention, resolve_attn_impl
 from megatrain.models.common.layers import Block, GeluMLP, RMSNorm
+from megatrain.models.common.positions import batch_mask, positions_in_documents
 from megatrain.models.flops import palm_flops_per_token
 
 
@@ -66,7 +67,7 @@ def init_weights(model: nn.Module, blocks: nn.ModuleList, n_layers: int) -> None
 
 def _block(config: GPTConfig, attn_impl: str) -> Block:
     d = config.d_model
-    attn = CausalSelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout)
+    attn = SelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout)
     return Block(nn.LayerNorm(d), attn, nn.LayerNorm(d), GeluMLP(d, config.d_ff, config.dropout))
 
 
@@ -105,14 +106,19 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> Tensor:
+        """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
+        ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting."""
         T = input_ids.size(1)
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(T, dtype=torch.long, device=input_ids.device)  # (T,)
+        pos = torch.arange(T, device=input_ids.device) if doc_ids is None \
+            else positions_in_documents(doc_ids)  # (T,) or (B, T)
+        mask = batch_mask(attention_mask, doc_ids)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)  # (B, T, C)
+            x = block(x, None, mask)  # (B, T, C)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 

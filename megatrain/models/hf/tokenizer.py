@@ -19,12 +19,22 @@ from megatrain.models.hf import import_transformers
 _BPE, _CONTROL, _USER_DEFINED = 2, 3, 4  # SentencePiece model / piece types
 
 
-def _special_tokens(proto: Any) -> dict[str, str]:
-    """bos/eos/unk/pad token strings of the model (those it has)."""
+_ROLES = {"[CLS]": "cls_token", "[SEP]": "sep_token", "[MASK]": "mask_token"}
+
+
+def _special_tokens(proto: Any) -> dict[str, Any]:
+    """bos/eos/unk/pad (and cls/sep/mask, T5's sentinels) token strings of the model, those it
+    has, as ``PreTrainedTokenizerFast`` keyword arguments."""
     spec = proto.trainer_spec
     ids = {"bos_token": spec.bos_id, "eos_token": spec.eos_id, "unk_token": spec.unk_id,
            "pad_token": spec.pad_id}
-    return {name: proto.pieces[i].piece for name, i in ids.items() if i >= 0}
+    specials: dict[str, Any] = {name: proto.pieces[i].piece for name, i in ids.items() if i >= 0}
+    controls = [p.piece for p in proto.pieces if p.type == _CONTROL]
+    specials.update({_ROLES[p]: p for p in controls if p in _ROLES})
+    sentinels = [p for p in controls if p.startswith("<extra_id_")]
+    if sentinels:
+        specials["additional_special_tokens"] = sentinels
+    return specials
 
 
 def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, str]]:
@@ -45,8 +55,8 @@ def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, str]]:
     tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
                     for p in proto.pieces if p.type in (_CONTROL, _USER_DEFINED)])
     specials = _special_tokens(proto)
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t in specials.values()])
+    named = [t for k, t in specials.items() if k != "additional_special_tokens"]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named])
     return tok, specials
 
 
