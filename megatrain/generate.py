@@ -20,13 +20,13 @@ from megatrain.models.registry import get_model_spec
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, Tokenizer]:
     """A plain fp32 model and its tokenizer from a checkpoint, checkpoints or run folder."""
-    from megatrain.training import checkpoint as ckpt
+    from megatrain.training.checkpoint import resolve_checkpoint_path
+    from megatrain.training.init_from import load_checkpoint_model
 
-    path = ckpt.resolve_checkpoint_path(Path(checkpoint))
-    model_meta = dict(ckpt.read_meta(path)["model"])
-    spec = get_model_spec(model_meta.pop("family"))
-    model = spec.build(spec.config_cls(**model_meta), device, torch.float32)
-    model.load_state_dict(ckpt.load_model_weights(path))
+    family, config, state_dict = load_checkpoint_model(checkpoint)
+    model = get_model_spec(family).build(config, device, torch.float32)
+    model.load_state_dict(state_dict)
+    path = resolve_checkpoint_path(Path(checkpoint))
     return model.eval(), Tokenizer.load(path / "tokenizer.model")
 
 

@@ -42,7 +42,11 @@ class DataConfig:
     train: str = "stdlib"
     eval: Optional[str] = None  # None: the eval shards of the train folder
     seq_len: int = 256
-    objective: str = "clm"
+    objective: Optional[str] = None  # clm | mlm | span; None: the model family's
+    doc_masking: bool = False  # attend within packed documents only, positions restart (clm, mlm)
+    mask_prob: float = 0.15  # mlm: share of tokens to predict (80% [MASK], 10% random, 10% kept)
+    noise_density: float = 0.15  # span: share of tokens hidden in spans
+    mean_span: float = 3.0  # span: mean hidden span length
     num_workers: int = 1
     shuffle: bool = True
     cache_dir: Optional[str] = None  # None: $MEGATRAIN_CACHE or ~/.cache/megatrain

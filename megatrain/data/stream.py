@@ -1,4 +1,4 @@
-"""Deterministic, resumable, packed causal-LM stream over prepared shards.
+"""Deterministic, resumable, packed stream of training batches over prepared shards.
 
 Order. Epoch ``e`` permutes the shards with ``default_rng([seed, e])`` and the samples of shard
 ``i`` with ``default_rng([seed, e, i])``; concatenated, that is a global order of N samples that
@@ -6,9 +6,12 @@ depends on (seed, epoch) only. There are R = world_size × max(1, num_workers) r
 ``r = rank × W + worker`` reads the slice ``[r·N//R, (r+1)·N//R)`` of every epoch, in turn.
 
 Packing. A reader concatenates its documents, each followed by EOS, into one token stream. A
-micro-batch of B rows of T tokens is a window of ``B·T + 1`` tokens: row ``i`` is
+micro-batch of B rows of T tokens is a window of ``B·T + overlap`` tokens, which the objective
+(``megatrain.data.objectives``) turns into tensors: for causal LM, overlap 1 and row ``i`` is
 ``window[i·T : i·T + T + 1]`` split into inputs and labels shifted by one. The next window starts
-``B·T`` tokens later, so every token of the stream is predicted exactly once.
+``B·T`` tokens later, so every token of the stream is trained on exactly once. The objective's
+random choices (masks, spans) come from a generator seeded by (seed, the window's start position),
+so they too are the same after a resume.
 
 State. A reader's position is ``{"epoch", "pos", "offset"}``: the document (index in its slice)
 and token offset (EOS included) where the next window starts, so half-consumed documents survive
@@ -34,6 +37,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatrain.data.manifest import Manifest, ShardInfo
+from megatrain.data.objectives import CausalLM, Objective
 from megatrain.errors import ConfigError, DataError
 
 STATE_VERSION = 1
@@ -156,14 +160,16 @@ def _slice_docs(
 
 
 class Packer:
-    """Cuts a document stream into windows of ``rows·seq_len + 1`` tokens (see the module doc).
+    """Cuts a document stream into windows of ``rows·seq_len + overlap`` tokens (see the module
+    doc); ``seq_len`` is the stream tokens per row.
 
     ``state()`` after a window is the position where the next window starts. A finite document
     stream ends with one window of the complete rows that remain, if any.
     """
 
-    def __init__(self, docs: Iterator[Doc], *, seq_len: int, rows: int, offset: int = 0) -> None:
-        self.docs, self.seq_len, self.rows = docs, seq_len, rows
+    def __init__(self, docs: Iterator[Doc], *, seq_len: int, rows: int, offset: int = 0,
+                 overlap: int = 1) -> None:
+        self.docs, self.seq_len, self.rows, self.overlap = docs, seq_len, rows, overlap
         self._buffer: deque[Doc] = deque()
         self._offset = offset
         self._available = -offset  # tokens buffered from the current position on
@@ -171,12 +177,12 @@ class Packer:
     def __iter__(self) -> Iterator[np.ndarray]:
         step = self.rows * self.seq_len
         while True:
-            if not self._fill(step + 1):
-                rows = (self._available - 1) // self.seq_len
+            if not self._fill(step + self.overlap):
+                rows = (self._available - self.overlap) // self.seq_len
                 if rows > 0:
-                    yield self._window(rows * self.seq_len + 1)
+                    yield self._window(rows * self.seq_len + self.overlap)
                 return
-            window = self._window(step + 1)
+            window = self._window(step + self.overlap)
             self._advance(step)
             yield window
 
@@ -210,11 +216,15 @@ class Packer:
             self._buffer.popleft()
 
 
-def window_to_batch(window: np.ndarray, seq_len: int) -> dict[str, torch.Tensor]:
-    """``{"input_ids", "labels"}`` of shape (rows, seq_len) from a packed window."""
-    rows = (len(window) - 1) // seq_len
-    tokens = torch.from_numpy(window)
-    return {"input_ids": tokens[:-1].view(rows, seq_len), "labels": tokens[1:].view(rows, seq_len)}
+def objective_batches(packer: Packer, objective: Objective, seed: int,
+                      start: dict[str, int]) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+    """(batch, state after it) per window; each window's random draws are seeded by where it
+    starts in the global order, which no resume or world size changes."""
+    for window in packer:
+        rows = (len(window) - objective.overlap) // objective.row_tokens
+        rng = np.random.default_rng([seed, start["epoch"], start["pos"], start["offset"]])
+        start = packer.state()
+        yield objective.batch(window, rows, rng), start
 
 
 # --- the training stream --------------------------------------------------------------------
@@ -235,6 +245,7 @@ class StreamConfig:
     world_size: int
     num_workers: int
     shuffle: bool
+    objective: Objective
 
     @property
     def readers_per_rank(self) -> int:
@@ -256,7 +267,7 @@ class StreamConfig:
             "num_workers",
             "shuffle",
         )
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, "objective": self.objective.name}
 
 
 class PackedDataset(IterableDataset):
@@ -281,11 +292,10 @@ class PackedDataset(IterableDataset):
             epoch=state["epoch"],
             pos=state["pos"],
         )
-        packer = Packer(
-            docs, seq_len=cfg.seq_len, rows=cfg.micro_batch_size, offset=state["offset"]
-        )
-        for window in packer:
-            yield window_to_batch(window, cfg.seq_len), local, packer.state()
+        packer = Packer(docs, seq_len=cfg.objective.row_tokens, rows=cfg.micro_batch_size,
+                        offset=state["offset"], overlap=cfg.objective.overlap)
+        for batch, after in objective_batches(packer, cfg.objective, cfg.seed, state):
+            yield batch, local, after
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -296,7 +306,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class TrainStream:
-    """This rank's infinite stream of micro-batches ``{"input_ids", "labels"}`` (LongTensor (B, T)).
+    """This rank's infinite stream of micro-batches (the objective's dict of LongTensors (B, ...)).
 
     ``state_dict()`` is the position after the last batch handed out; a fresh stream given it by
     ``load_state_dict()`` continues with exactly the batches an uninterrupted one would yield.
@@ -368,8 +378,10 @@ def build_train_stream(
     num_workers: int,
     shuffle: bool = True,
     pin_memory: bool = False,
+    objective: Objective | None = None,
 ) -> TrainStream:
-    """The training stream of ``rank`` over ``manifest``'s ``split`` shards."""
+    """The training stream of ``rank`` over ``manifest``'s ``split`` shards; ``objective``
+    defaults to causal LM over ``seq_len``."""
     _check_stream_args(seq_len, micro_batch_size, seed, rank, world_size, num_workers)
     shards = tuple(manifest.shards(split))
     config = StreamConfig(
@@ -384,6 +396,7 @@ def build_train_stream(
         world_size=world_size,
         num_workers=num_workers,
         shuffle=shuffle,
+        objective=objective or CausalLM(seq_len, manifest.eos_id),
     )
     total = sum(s.samples for s in shards)
     if total < config.num_readers:
@@ -429,6 +442,7 @@ def iter_eval_batches(
     rank: int,
     world_size: int,
     max_batches: int | None = None,
+    objective: Objective | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of ``split`` in natural order, packed, one pass, in-process.
 
@@ -445,7 +459,11 @@ def iter_eval_batches(
         num_readers=world_size,
         epochs=1,
     )
-    for count, window in enumerate(Packer(docs, seq_len=seq_len, rows=micro_batch_size)):
+    objective = objective or CausalLM(seq_len, manifest.eos_id)
+    packer = Packer(docs, seq_len=objective.row_tokens, rows=micro_batch_size,
+                    overlap=objective.overlap)
+    start = {"epoch": 0, "pos": 0, "offset": 0}
+    for count, (batch, _) in enumerate(objective_batches(packer, objective, 0, start)):
         if max_batches is not None and count >= max_batches:
             return
-        yield window_to_batch(window, seq_len)
+        yield batch

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from megatrain.data.objectives import IGNORE, Objective, build_objective
 from megatrain.data.stream import build_train_stream, iter_eval_batches
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.distributed import World
@@ -31,6 +32,7 @@ from megatrain.training import checkpoint as ckpt
 from megatrain.training.data_setup import resolve_corpus
 from megatrain.training.engine import initialize_engine, resolve_precision
 from megatrain.training.faults import Preempted, StopSignals
+from megatrain.training.init_from import pretrained_config
 from megatrain.training.metrics import Throughput, memory_gb
 from megatrain.training.parallelize import parallelize
 
@@ -61,12 +63,13 @@ class Trainer:
         self.tokenizer = Tokenizer.load(self.train_manifest.tokenizer_path)
         self.precision = resolve_precision(cfg.trainer.precision, device)
         self.model_cfg, self.spec, model = self._build_model()
+        self.objective = self._build_objective()
         self.engine = initialize_engine(model, cfg, self.precision, world.world_size, device)
         self.stream = build_train_stream(
             self.train_manifest, seq_len=cfg.data.seq_len,
             micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
             rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
-            shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda")
+            shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda", objective=self.objective)
         self.progress = Progress()
         self.signals = StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
@@ -83,21 +86,39 @@ class Trainer:
     def _build_model(self) -> tuple[Any, Any, torch.nn.Module]:
         cfg = self.cfg
         spec = get_model_spec(cfg.model.family)
-        if cfg.data.objective != spec.objective:
-            raise ConfigError(f"data.objective={cfg.data.objective} does not fit model.family="
-                              f"{cfg.model.family}, which trains on {spec.objective}")
-        model_cfg = resolve_model_config(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        vocab_size = self.tokenizer.vocab_size
+        init_state = None
+        if cfg.model.init_from:
+            model_cfg, init_state = pretrained_config(cfg.model.init_from, cfg.model, vocab_size)
+        else:
+            model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size)
         if cfg.data.seq_len > model_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len "
                               f"({model_cfg.max_seq_len})")
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         model = spec.build(model_cfg, self.device, dtype)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+            log.info("model initialised from %s", cfg.model.init_from)
         torch.manual_seed(cfg.trainer.seed + self.world.rank)  # per-rank dropout streams
         log.info("model: %s %s, %.2fM parameters", cfg.model.family, cfg.model.size or "custom",
                  sum(p.numel() for p in model.parameters()) / 1e6)
         t = cfg.trainer
         return model_cfg, spec, parallelize(model, t.activation_checkpointing, t.compile)
+
+    def _build_objective(self) -> Objective:
+        data, family = self.cfg.data, self.cfg.model.family
+        name = data.objective or self.spec.objective
+        if name != self.spec.objective:
+            raise ConfigError(f"data.objective={name} does not fit model.family={family}, which "
+                              f"trains on {self.spec.objective}")
+        if name == "mlm" and self.cfg.trainer.sample_prompt:
+            raise ConfigError(f"trainer.sample_prompt: model.family={family} (mlm) does not "
+                              "generate text; unset it")
+        return build_objective(name, data.seq_len, self.tokenizer, doc_masking=data.doc_masking,
+                               mask_prob=data.mask_prob, noise_density=data.noise_density,
+                               mean_span=data.mean_span)
 
     def _maybe_resume(self) -> str | None:
         """Load the checkpoint ``run.resume`` names; return the W&B run id it carries."""
@@ -158,10 +179,10 @@ class Trainer:
                 self._grad_norm = _total_grad_norm(self.engine.module)
             self.engine.step()
             total += loss.detach()
-            self.throughput.add(batch["input_ids"].numel() * self.world.world_size)
+            tokens = batch["input_ids"].numel() * self.world.world_size  # a shape: no sync
+            self.throughput.add(tokens)
+            self.progress.tokens_seen += tokens
         self.progress.step += 1
-        self.progress.tokens_seen += accum * self.cfg.trainer.micro_batch_size \
-            * self.cfg.data.seq_len * self.world.world_size
         return total / accum
 
     def forward_backward_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -170,10 +191,13 @@ class Trainer:
         return loss
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        """Mean cross-entropy over the labelled tokens; every other key is a model input."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                  if k != "labels"}
         labels = batch["labels"].to(self.device, non_blocking=True)
-        logits = self.engine(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits = self.engine(**inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                               ignore_index=IGNORE)
 
     # --- eval, logging, saving ----------------------------------------------------------------
 
@@ -185,8 +209,9 @@ class Trainer:
         for batch in iter_eval_batches(
                 self.eval_manifest, seq_len=self.cfg.data.seq_len,
                 micro_batch_size=self.cfg.trainer.micro_batch_size, rank=self.world.rank,
-                world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps):
-            tokens = batch["labels"].numel()  # the last batch may have fewer rows
+                world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps,
+                objective=self.objective):
+            tokens = int((batch["labels"] != IGNORE).sum())  # on the host; rows may be fewer
             totals[0] += self._loss(batch) * tokens
             totals[1] += tokens
         self.engine.train()
@@ -229,7 +254,7 @@ class Trainer:
                                                        **vars(self.model_cfg)},
                 "world_size": self.world.world_size,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.precision,
-                "seq_len": self.cfg.data.seq_len}
+                "seq_len": self.cfg.data.seq_len, "objective": self.objective.name}
         start = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.progress.step,
                                     self.world.rank, rank_state, meta,
@@ -245,8 +270,13 @@ class Trainer:
                         f"saving {path}; run the same command again to resume")
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
-        """Generate from the live model (every rank runs it: ZeRO-3 gathers weights collectively)."""
-        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+        """Generate from the live model (every rank runs it: ZeRO-3 gathers weights collectively).
+
+        A T5 model fills in a blank after the prompt: its input is the prompt, sentinel 0, EOS."""
+        prompt_ids = self.tokenizer.encode(prompt)
+        if self.objective.name == "span":
+            prompt_ids += [self.tokenizer.sentinel_ids[0], self.tokenizer.eos_id]
+        ids = torch.tensor([prompt_ids], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
         self.engine.eval()
         out = generate(self.engine.module, ids, max_new_tokens, temperature=0.8, top_k=50,

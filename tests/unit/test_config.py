@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.resources import files
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
@@ -50,12 +51,16 @@ def test_wrong_type_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("model", _options("model"))
-def test_every_shipped_model_config_resolves(model: str) -> None:
+def test_every_shipped_model_config_builds(model: str) -> None:
+    """Every configs/model/*.yaml composes, resolves and builds (on the meta device: no memory)."""
     cfg = _compose(f"model={model}")
     spec = get_model_spec(cfg.model.family)
     resolved = resolve_model_config(cfg.model, vocab_size=1000)
     assert resolved.vocab_size == 1000
     assert spec.flops_per_token(resolved, 128) > 0
+    built = spec.build(resolved, "meta", torch.float32)
+    assert len(list(built.blocks)) >= resolved.n_layers
+    assert sum(p.numel() for p in built.parameters()) > 1000 * resolved.d_model
 
 
 @pytest.mark.parametrize("group", ["experiment", "deepspeed", "data", "optim", "trainer", "logger"])

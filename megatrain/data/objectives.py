@@ -1,0 +1,219 @@
+"""Training objectives: a packed window of token ids -> a model's batch.
+
+The stream packs documents (each followed by EOS) into windows of ``rows · row_tokens + overlap``
+tokens; an objective turns a window into tensors:
+
+- ``clm`` (GPT): ``input_ids`` and ``labels`` shifted by one (the window reads one token past
+  its rows, ``overlap = 1``).
+- ``mlm`` (BERT): 15% of the tokens are chosen; of those 80% become ``[MASK]``, 10% a random token
+  and 10% stay; ``labels`` hold the originals there and -100 elsewhere (RoBERTa-style dynamic
+  masking: a window is masked afresh every epoch).
+- ``span`` (T5): span corruption as in the T5 paper: ~15% of the tokens in spans of mean length 3
+  are replaced by one sentinel each; the targets are the sentinels followed by the spans they
+  hide. Raw rows are as long as needed for the corrupted inputs to fill ``seq_len``.
+
+Every random choice is drawn from a generator the stream seeds from the window's position in the
+global order, so a batch is the same whether it is read straight through, after a resume, or on
+another number of ranks. ``doc_ids`` (the document index of each input token within its row) are
+added when document masking is on: the models then attend within documents only and restart
+positions per document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from megatrain.errors import ConfigError
+
+OBJECTIVES = ("clm", "mlm", "span")
+IGNORE = -100
+
+
+class Objective(Protocol):
+    name: str
+    row_tokens: int  # stream tokens one row consumes
+    overlap: int  # tokens a window reads past its rows (CLM's shifted label)
+
+    def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        """The model inputs and ``labels`` of a window of ``rows · row_tokens + overlap`` ids."""
+        ...
+
+
+def doc_ids_of(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+    """(rows, T) document index of every token within its row: a document ends at its EOS."""
+    ends = inputs == eos_id
+    ids = np.cumsum(ends, axis=1)
+    return ids - ends  # the EOS itself still belongs to the document it ends
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """Next-token prediction over packed rows."""
+
+    seq_len: int
+    eos_id: int
+    doc_masking: bool = False
+    name: str = "clm"
+    overlap: int = 1
+
+    @property
+    def row_tokens(self) -> int:
+        return self.seq_len
+
+    def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        del rng  # deterministic
+        T = self.seq_len
+        inputs = np.lib.stride_tricks.sliding_window_view(window[:-1], T)[::T][:rows]
+        labels = np.lib.stride_tricks.sliding_window_view(window[1:], T)[::T][:rows]
+        out = {"input_ids": torch.from_numpy(inputs.copy()),
+               "labels": torch.from_numpy(labels.copy())}
+        if self.doc_masking:
+            out["doc_ids"] = torch.from_numpy(doc_ids_of(inputs, self.eos_id))
+        return out
+
+
+@dataclass(frozen=True)
+class MaskedLM:
+    """BERT's masked-token prediction with 80/10/10 dynamic masking; specials are never chosen."""
+
+    seq_len: int
+    eos_id: int
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    mask_prob: float = 0.15
+    doc_masking: bool = False
+    name: str = "mlm"
+    overlap: int = 0
+
+    @property
+    def row_tokens(self) -> int:
+        return self.seq_len
+
+    def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        tokens = window[: rows * self.seq_len].reshape(rows, self.seq_len)
+        chosen = (rng.random(tokens.shape) < self.mask_prob) & ~np.isin(tokens, self.special_ids)
+        action = rng.random(tokens.shape)  # < 0.8: [MASK]; < 0.9: random token; else keep
+        inputs = np.where(chosen & (action < 0.8), self.mask_id, tokens)
+        randomize = chosen & (action >= 0.8) & (action < 0.9)
+        inputs = np.where(randomize, rng.integers(0, self.vocab_size, tokens.shape), inputs)
+        out = {"input_ids": torch.from_numpy(inputs.astype(np.int64)),
+               "labels": torch.from_numpy(np.where(chosen, tokens, IGNORE).astype(np.int64))}
+        if self.doc_masking:
+            out["doc_ids"] = torch.from_numpy(doc_ids_of(tokens, self.eos_id))
+        return out
+
+
+def span_lengths(raw_len: int, noise_density: float, mean_span: float) -> tuple[int, int, int]:
+    """(noise tokens, spans, encoder input length incl. EOS) of a raw row, as T5 computes them."""
+    noise = min(max(round(raw_len * noise_density), 1), raw_len - 1)
+    spans = max(round(noise / mean_span), 1)
+    return noise, spans, raw_len - noise + spans + 1
+
+
+def raw_length_for(seq_len: int, noise_density: float, mean_span: float) -> int:
+    """The longest raw row whose corrupted input (sentinels and EOS included) fits ``seq_len``
+    (T5's ``compute_input_and_target_lengths``)."""
+    raw = seq_len
+    while span_lengths(raw + 1, noise_density, mean_span)[2] <= seq_len:
+        raw += 1
+    return raw
+
+
+def _segment_lengths(items: int, segments: int, rng: np.random.Generator) -> np.ndarray:
+    """Split ``items`` into ``segments`` non-empty runs at random: their lengths."""
+    cuts = np.arange(items - 1) < segments - 1
+    rng.shuffle(cuts)
+    starts = np.concatenate([[True], cuts])
+    return np.bincount(np.cumsum(starts) - 1)
+
+
+def random_spans_noise_mask(length: int, noise: int, spans: int,
+                            rng: np.random.Generator) -> np.ndarray:
+    """Bool (length,): which tokens are noise, in ``spans`` runs that alternate with kept runs
+    (the first run is kept), as in T5's ``random_spans_noise_mask``."""
+    noise_runs = _segment_lengths(noise, spans, rng)
+    kept_runs = _segment_lengths(length - noise, spans, rng)
+    runs = np.stack([kept_runs, noise_runs], axis=1).reshape(-1)  # kept, noise, kept, ...
+    return np.repeat(np.tile([False, True], spans), runs)
+
+
+@dataclass(frozen=True)
+class SpanCorruption:
+    """T5's span corruption over packed rows; every row yields inputs and targets of fixed
+    lengths, so batches need no padding."""
+
+    seq_len: int
+    eos_id: int
+    start_id: int  # the decoder's start token (T5 uses pad)
+    sentinel_ids: tuple[int, ...]
+    noise_density: float = 0.15
+    mean_span: float = 3.0
+    name: str = "span"
+    overlap: int = 0
+
+    @property
+    def row_tokens(self) -> int:
+        return raw_length_for(self.seq_len, self.noise_density, self.mean_span)
+
+    @property
+    def target_len(self) -> int:
+        noise, spans, _ = span_lengths(self.row_tokens, self.noise_density, self.mean_span)
+        return noise + spans + 1
+
+    def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        L = self.row_tokens
+        noise, spans, _ = span_lengths(L, self.noise_density, self.mean_span)
+        if spans > len(self.sentinel_ids):
+            raise ConfigError(f"data.seq_len={self.seq_len} needs {spans} sentinels per row; the "
+                              f"tokenizer has {len(self.sentinel_ids)}")
+        pairs = [self._corrupt(row, random_spans_noise_mask(L, noise, spans, rng))
+                 for row in window[: rows * L].reshape(rows, L)]
+        inputs, targets = (np.stack(p).astype(np.int64) for p in zip(*pairs, strict=True))
+        decoder_inputs = np.concatenate([np.full((rows, 1), self.start_id), targets[:, :-1]], 1)
+        return {"input_ids": torch.from_numpy(inputs),
+                "decoder_input_ids": torch.from_numpy(decoder_inputs),
+                "labels": torch.from_numpy(targets)}
+
+    def _corrupt(self, row: np.ndarray, is_noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of one row, as T5's ``noise_span_to_unique_sentinel``: in the inputs
+        noise span k becomes sentinel k; in the targets kept run k becomes sentinel k, so they
+        read sentinel 0, hidden span 0, sentinel 1, hidden span 1, ... Both end with EOS."""
+        run_start = np.concatenate([[True], is_noise[1:] != is_noise[:-1]])
+        sentinels = np.asarray(self.sentinel_ids)
+        noise_start, kept_start = run_start & is_noise, run_start & ~is_noise
+        inputs = np.where(noise_start, sentinels[np.cumsum(noise_start) - 1], row)
+        targets = np.where(kept_start, sentinels[np.cumsum(kept_start) - 1], row)
+        return (np.append(inputs[~is_noise | noise_start], self.eos_id),
+                np.append(targets[is_noise | kept_start], self.eos_id))
+
+
+def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: bool = False,
+                    mask_prob: float = 0.15, noise_density: float = 0.15,
+                    mean_span: float = 3.0) -> Objective:
+    """The objective ``name`` over ``tokenizer``'s ids; ConfigError when the tokenizer lacks a
+    token the objective needs (an older or foreign tokenizer without ``[MASK]`` or sentinels)."""
+    if name == "clm":
+        return CausalLM(seq_len, tokenizer.eos_id, doc_masking)
+    if name == "mlm":
+        if tokenizer.mask_id < 0:
+            raise ConfigError(f"data.objective=mlm needs a [MASK] token; {tokenizer.path} has "
+                              "none (prepare the corpus again with this version of megatrain)")
+        specials = tuple(i for i in (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id,
+                                     tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id,
+                                     tokenizer.mask_id) if i >= 0)
+        return MaskedLM(seq_len, tokenizer.eos_id, tokenizer.mask_id, tokenizer.vocab_size,
+                        specials, mask_prob, doc_masking)
+    if name == "span":
+        if not tokenizer.sentinel_ids:
+            raise ConfigError(f"data.objective=span needs T5 sentinels (<extra_id_N>); "
+                              f"{tokenizer.path} has none")
+        if doc_masking:
+            raise ConfigError("data.doc_masking is not supported with data.objective=span")
+        return SpanCorruption(seq_len, tokenizer.eos_id, tokenizer.pad_id,
+                              tuple(tokenizer.sentinel_ids), noise_density, mean_span)
+    raise ConfigError(f"data.objective={name} is not an objective; valid: {', '.join(OBJECTIVES)}")

@@ -1,0 +1,49 @@
+"""``model.init_from``: the config and weights a run starts from instead of a random init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatrain.errors import ConfigError
+from megatrain.models.hf import load_hf_pretrained
+from megatrain.models.registry import get_model_spec
+
+HF_PREFIX = "hf:"
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> tuple[str, Any, dict[str, torch.Tensor]]:
+    """(family, config, fp32 state dict) of a megatrain checkpoint, checkpoints or run folder."""
+    from megatrain.training import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint_path(Path(checkpoint))
+    model_meta = dict(ckpt.read_meta(path)["model"])
+    family = model_meta.pop("family")
+    config = get_model_spec(family).config_cls(**model_meta)
+    return family, config, ckpt.load_model_weights(path)
+
+
+def load_pretrained(source: str) -> tuple[str, Any, dict[str, torch.Tensor]]:
+    """(family, config, state dict) of ``hf:DIR`` (a Hugging Face directory) or a megatrain
+    checkpoint path."""
+    if source.startswith(HF_PREFIX):
+        return load_hf_pretrained(source[len(HF_PREFIX):])
+    return load_checkpoint_model(source)
+
+
+def pretrained_config(source: str, model_cfg: Any, vocab_size: int) -> tuple[Any, dict]:
+    """The starting config and weights for ``model.init_from=source``, checked against the run:
+    the same family, a vocabulary that covers the tokenizer's; the run's attn_impl and dropout
+    apply (they are not part of the weights)."""
+    family, config, state_dict = load_pretrained(source)
+    if family != model_cfg.family:
+        raise ConfigError(f"model.init_from={source} is a {family} model, but model.family="
+                          f"{model_cfg.family}; set model.family={family}")
+    if config.vocab_size < vocab_size:
+        raise ConfigError(f"model.init_from={source} has a vocabulary of {config.vocab_size}, "
+                          f"smaller than the corpus tokenizer's {vocab_size}: prepare the corpus "
+                          "with that model's tokenizer")
+    config.attn_impl, config.dropout = model_cfg.attn_impl, model_cfg.dropout
+    return config, state_dict
