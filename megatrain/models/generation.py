@@ -1,6 +1,9 @@
-"""Autoregressive sampling for causal LMs (no KV cache: each step re-reads the cropped context)."""
+"""Autoregressive sampling (no KV cache: each step re-reads the context) for causal LMs and
+encoder–decoders (T5: the prompt is encoded once, the decoder runs from its start token)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +34,17 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Append up to ``max_new_tokens`` tokens to ``input_ids`` (B, T); returns (B, T + n).
 
     ``temperature=0`` is greedy. The context is cropped to ``model.config.max_seq_len``. A row
     that produced ``eos_id`` keeps emitting it; generation stops once every row has. The model
     runs in eval mode (no dropout) and is put back in the mode it was in.
+
+    An encoder–decoder (``model.is_encoder_decoder``, T5) takes ``input_ids`` as the encoder's
+    input, with ``attention_mask`` (B, T) 1/0 for its padding, and returns only the generated
+    decoder tokens (B, n), without the start token ``model.config.decoder_start_id``.
     """
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
@@ -45,6 +53,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        if getattr(model, "is_encoder_decoder", False):
+            return _generate_seq2seq(model, input_ids, attention_mask, max_new_tokens,
+                                     temperature, top_k, eos_id, generator)
+        if attention_mask is not None:
+            raise ValueError("attention_mask is for encoder-decoder models (the encoder's padding)")
         return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator)
     finally:
         model.train(was_training)
@@ -60,11 +73,42 @@ def _generate(
     generator: torch.Generator | None,
 ) -> Tensor:
     max_seq_len = model.config.max_seq_len
-    ids = input_ids
+    return _sample_loop(lambda ids: model(ids[:, -max_seq_len:])[:, -1, :], input_ids,
+                        max_new_tokens, temperature, top_k, eos_id, generator)
+
+
+def _generate_seq2seq(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Encode once; decode the whole prefix each step (relative positions: no cropping)."""
+    memory = model.encode(input_ids, attention_mask)  # (B, S, C)
+    start = torch.full((input_ids.size(0), 1), model.config.decoder_start_id,
+                       dtype=torch.long, device=input_ids.device)  # (B, 1)
+    ids = _sample_loop(lambda ids: model.decode(ids, memory, attention_mask)[:, -1, :], start,
+                       max_new_tokens, temperature, top_k, eos_id, generator)
+    return ids[:, 1:]  # (B, n)
+
+
+def _sample_loop(
+    next_logits: Callable[[Tensor], Tensor],
+    ids: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Append tokens drawn from ``next_logits(ids)`` (B, V) to ``ids`` (B, T)."""
     done = torch.zeros(ids.size(0), 1, dtype=torch.bool, device=ids.device)  # (B, 1)
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -max_seq_len:])[:, -1, :]  # (B, V)
-        token = _next_token(logits, temperature, top_k, generator)  # (B, 1)
+        token = _next_token(next_logits(ids), temperature, top_k, generator)  # (B, 1)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)
             done = done | (token == eos_id)

@@ -15,12 +15,14 @@ from torch import nn
 
 from megatrain.config.schema import ModelConfig
 from megatrain.errors import ConfigError
+from megatrain.models.bert.spec import BERT_SPEC
 from megatrain.models.common.attention import ATTN_IMPLS
 from megatrain.models.gpt.llama import LlamaConfig, build_llama, llama_flops_per_token
 from megatrain.models.gpt.model import GPTConfig, build_gpt, gpt_flops_per_token
 from megatrain.models.hf.gpt2 import GPT2_ADAPTER
 from megatrain.models.hf.llama import LLAMA_ADAPTER
 from megatrain.models.spec import ModelSpec
+from megatrain.models.t5.spec import T5_SPEC
 
 __all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "get_model_spec", "resolve_model_config",
            "spec_for_config"]
@@ -77,7 +79,8 @@ LLAMA_SPEC = ModelSpec(
     hf=LLAMA_ADAPTER,
 )
 
-MODEL_SPECS: dict[str, ModelSpec] = {spec.family: spec for spec in (GPT_SPEC, LLAMA_SPEC)}
+MODEL_SPECS: dict[str, ModelSpec] = {spec.family: spec for spec in (GPT_SPEC, LLAMA_SPEC, BERT_SPEC,
+                                                                      T5_SPEC)}
 
 # Keys of model config that choose a spec or a starting point rather than a dimension.
 _NOT_DIMS = frozenset({"family", "size", "init_from"})
@@ -143,7 +146,7 @@ def _validate(config: Any) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"model.{name}={value} must be a positive integer")
-    if config.d_model % config.n_heads:
+    if getattr(config, "head_dim", None) is None and config.d_model % config.n_heads:
         raise ConfigError(f"model.d_model={config.d_model} is not divisible by "
                           f"model.n_heads={config.n_heads}")
     n_kv_heads = getattr(config, "n_kv_heads", config.n_heads)

@@ -45,7 +45,8 @@ def test_model_yaml_names_a_registered_size(path: Path) -> None:
     assert resolve_model_config(cfg, 50257).n_layers > 0
 
 
-@pytest.mark.parametrize("family, prefix", [("gpt", "gpt2-"), ("llama", "llama-")])
+@pytest.mark.parametrize("family, prefix", [("gpt", "gpt2-"), ("llama", "llama-"),
+                                            ("bert", "bert-"), ("t5", "t5-")])
 def test_every_size_has_a_yaml(family: str, prefix: str) -> None:
     shipped = sorted(p.stem for p in CONFIGS.glob(f"{prefix}*.yaml"))
     assert shipped == sorted(get_model_spec(family).sizes)

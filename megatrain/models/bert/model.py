@@ -1,0 +1,208 @@
+"""BERT: word + learned position + token-type embeddings, post-LayerNorm encoder blocks with exact
+GELU, and the masked-LM head (dense -> GELU -> LayerNorm -> decoder tied to the word embeddings).
+
+The layout follows Hugging Face's BertForMaskedLM exactly (see ``megatrain.models.hf.bert``), so a
+checkpoint converts both ways and the logits match. Attention is bidirectional; padding and packed
+documents are masked through the shared attention backends.
+
+``norm_position="pre"`` builds the shared pre-norm ``Block`` instead (stabler at depth and at high
+learning rates). As in Megatron-LM's BERT it then drops the embedding LayerNorm and normalises once
+more after the last block (``ln_f``); the parameter count is unchanged. It has no BertForMaskedLM
+counterpart, so it cannot be exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatrain.errors import ConfigError
+from megatrain.models.common.attention import AttnMask, SelfAttention, resolve_attn_impl
+from megatrain.models.common.layers import Block
+from megatrain.models.common.positions import batch_mask, positions_in_documents
+from megatrain.models.flops import palm_flops_per_token
+
+NORM_POSITIONS = ("post", "pre")
+
+
+@dataclass
+class BertConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
+    type_vocab_size: int = 2  # segment embeddings; MLM pretraining without NSP uses type 0 only
+    norm_position: str = "post"  # post (as in BERT) | pre
+    norm_eps: float = 1e-12
+    dropout: float = 0.0
+    attn_impl: str = "auto"  # auto | flash_attn | sdpa | eager
+
+    def __post_init__(self) -> None:
+        if self.norm_position not in NORM_POSITIONS:
+            raise ConfigError(f"model.norm_position={self.norm_position} is not a norm position; "
+                              f"valid: {', '.join(NORM_POSITIONS)}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 1:
+            raise ConfigError(f"model.type_vocab_size={self.type_vocab_size} must be a positive "
+                              "integer")
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count from the dims alone; the tied decoder weight is counted once.
+
+        ``non_embedding`` leaves out the position and token-type tables (lookups, not matmuls);
+        the word embedding stays, as it is also the decoder's weight (the PaLM convention).
+        """
+        d, ff, L, V = self.d_model, self.d_ff, self.n_layers, self.vocab_size
+        per_block = (
+            d * 3 * d + 3 * d  # attn.qkv
+            + d * d + d  # attn.proj
+            + 2 * d  # ln_1
+            + d * ff + ff  # mlp.fc
+            + ff * d + d  # mlp.proj
+            + 2 * d  # ln_2
+        )
+        head = d * d + d + 2 * d + V  # head.dense, head.ln, head.decoder.bias
+        n = V * d + 2 * d + L * per_block + head  # tok_emb, emb_ln (post) or ln_f (pre), ...
+        lookups = (self.max_seq_len + self.type_vocab_size) * d  # pos_emb, type_emb
+        return n if non_embedding else n + lookups
+
+
+class BertMLP(nn.Module):
+    """BERT's MLP: fc -> exact (erf) GELU -> proj, with biases (GPT-2's uses the tanh form)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class PostNormBlock(nn.Module):
+    """One post-norm block as in the original Transformer and BERT: each sub-layer's residual sum
+    is normalised (``ln_1`` after attention, ``ln_2`` after the MLP). Same submodule names and
+    call signature as the shared pre-norm ``Block``, so checkpointing and compile treat it alike.
+    """
+
+    def __init__(self, ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                mask: AttnMask | None = None) -> Tensor:
+        x = self.ln_1(x + self.attn(x, rope, mask))
+        return self.ln_2(x + self.mlp(x))
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder; the model ties ``decoder.weight`` to the word
+    embeddings, the bias is the head's own."""
+
+    def __init__(self, d_model: int, vocab_size: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+        self.ln = nn.LayerNorm(d_model, eps=eps)
+        self.decoder = nn.Linear(d_model, vocab_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.ln(F.gelu(self.dense(x))))
+
+
+def _block(config: BertConfig, attn_impl: str) -> nn.Module:
+    d, eps = config.d_model, config.norm_eps
+    attn = SelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout,
+                         causal=False)
+    mlp = BertMLP(d, config.d_ff, config.dropout)
+    block = Block if config.norm_position == "pre" else PostNormBlock
+    return block(nn.LayerNorm(d, eps=eps), attn, nn.LayerNorm(d, eps=eps), mlp)
+
+
+@torch.no_grad()
+def init_bert_weights(model: nn.Module) -> None:
+    """Hugging Face BERT's init: N(0, 0.02) for linear and embedding weights (no residual
+    scaling: post-LN renormalises every sub-layer), zero biases, unit LayerNorms."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+
+
+class Bert(nn.Module):
+    """BERT masked LM: ``forward(input_ids (B, T)) -> logits (B, T, V)`` at every position; no
+    loss inside (the trainer scores the masked positions only)."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Build on ``device`` in ``dtype``; the attention backend is resolved for them here."""
+        super().__init__()
+        self.config = config
+        self.attn_impl = resolve_attn_impl(config.attn_impl, torch.device(device), dtype)
+        d, eps, post = config.d_model, config.norm_eps, config.norm_position == "post"
+        with torch.device(device):
+            self.tok_emb = nn.Embedding(config.vocab_size, d)
+            self.pos_emb = nn.Embedding(config.max_seq_len, d)
+            self.type_emb = nn.Embedding(config.type_vocab_size, d)
+            self.emb_ln = nn.LayerNorm(d, eps=eps) if post else nn.Identity()
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(_block(config, self.attn_impl)
+                                        for _ in range(config.n_layers))
+            self.ln_f = nn.Identity() if post else nn.LayerNorm(d, eps=eps)
+            self.head = MLMHead(d, config.vocab_size, eps)
+        self.head.decoder.weight = self.tok_emb.weight  # tied
+        self.reset_parameters()
+        self.to(dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        init_bert_weights(self)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Counted parameters (the tied decoder once); ``non_embedding`` drops the position and
+        token-type tables."""
+        n = sum(p.numel() for p in self.parameters())
+        lookups = self.pos_emb.weight.numel() + self.type_emb.weight.numel()
+        return n - lookups if non_embedding else n
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                doc_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+        """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
+        ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting;
+        ``token_type_ids`` (B, T): segments, all 0 when None (no sentence pairs in pretraining)."""
+        T = input_ids.size(1)
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(T, device=input_ids.device) if doc_ids is None \
+            else positions_in_documents(doc_ids)  # (T,) or (B, T)
+        types = self.type_emb.weight[0] if token_type_ids is None \
+            else self.type_emb(token_type_ids)  # (C,) or (B, T, C)
+        mask = batch_mask(attention_mask, doc_ids)
+        x = self.tok_emb(input_ids) + types + self.pos_emb(pos)  # (B, T, C), HF's order of sums
+        x = self.drop(self.emb_ln(x))
+        for block in self.blocks:
+            x = block(x, None, mask)  # (B, T, C)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+
+def build_bert(config: BertConfig, device: torch.device | str, dtype: torch.dtype) -> Bert:
+    """The registry's build function."""
+    return Bert(config, device=device, dtype=dtype)
+
+
+def bert_flops_per_token(config: BertConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM's formula. The decoder runs at every
+    position (the model does not know which are masked), so its matmul is counted in full."""
+    return palm_flops_per_token(config.num_params(non_embedding=True), config.n_layers,
+                                config.d_model, seq_len)

@@ -1,0 +1,28 @@
+"""The BERT family's registry entry: named sizes, objective, FLOPs and Hugging Face adapter."""
+
+from __future__ import annotations
+
+from megatrain.models.bert.model import BertConfig, bert_flops_per_token, build_bert
+from megatrain.models.hf.bert import BERT_ADAPTER
+from megatrain.models.spec import ModelSpec
+
+
+def _bert_size(n_layers: int, d_model: int, n_heads: int, max_seq_len: int = 512) -> dict:
+    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_ff": 4 * d_model,
+            "max_seq_len": max_seq_len}
+
+
+BERT_SPEC = ModelSpec(
+    family="bert",
+    sizes={
+        # CPU tests and the quickstart: gpt2-tiny's width (1.4M parameters with a 4096 vocabulary).
+        "bert-tiny": _bert_size(4, 128, 4),
+        "bert-base": _bert_size(12, 768, 12),  # 110M with BERT's 30522-token vocabulary
+        "bert-large": _bert_size(24, 1024, 16),  # 335M
+    },
+    config_cls=BertConfig,
+    build=build_bert,
+    objective="mlm",
+    flops_per_token=bert_flops_per_token,
+    hf=BERT_ADAPTER,
+)

@@ -1,0 +1,23 @@
+"""T5 family: T5 v1.1 encoder–decoders (the registry's spec lives in ``megatrain.models.t5.spec``,
+apart, so the Hugging Face adapter can import the model without a cycle)."""
+
+from megatrain.models.t5.model import (
+    T5,
+    GatedGeluMLP,
+    T5Config,
+    build_t5,
+    span_target_ratio,
+    t5_flops_per_token,
+)
+from megatrain.models.t5.positions import RelativePositionBias, relative_position_bucket
+
+__all__ = [
+    "T5",
+    "GatedGeluMLP",
+    "RelativePositionBias",
+    "T5Config",
+    "build_t5",
+    "relative_position_bucket",
+    "span_target_ratio",
+    "t5_flops_per_token",
+]
