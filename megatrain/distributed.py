@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -26,14 +27,20 @@ class World:
 
 
 def detect_world() -> World:
-    """Read rank and world size from torchrun's variables, else SLURM's, else one process."""
+    """Read rank and world size from torchrun's variables, else an srun step's, else one process.
+
+    Under ``srun torchrun`` (one task per node) torchrun's variables win: the SLURM task is the
+    node's launcher, not a rank.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                      "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # Only inside an srun step: the batch script itself also sees SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS, and a process started there must not wait for ranks that never come.
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                     int(env["SLURM_NTASKS"]), "slurm")
+                     int(env["SLURM_STEP_NUM_TASKS"]), "slurm")
     return World(0, 0, 1, "single")
 
 
@@ -57,14 +64,15 @@ def _export_rendezvous(world: World) -> None:
     env.setdefault("LOCAL_RANK", str(world.local_rank))
     env.setdefault("WORLD_SIZE", str(world.world_size))
     if world.launcher == "slurm":
-        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        env.setdefault("MASTER_ADDR", slurm_head_node())
         env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
     else:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def _first_slurm_host() -> str:
+def slurm_head_node() -> str:
+    """The first host of this SLURM step or job (where rank 0 and the rendezvous live)."""
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
         return "127.0.0.1"
@@ -75,7 +83,7 @@ def _first_slurm_host() -> str:
     return out[0] if out else nodelist.split(",")[0]
 
 
-def init_distributed(world: World) -> torch.device:
+def init_distributed(world: World, collective_timeout_s: float = 600.0) -> torch.device:
     """Pick the device, point DeepSpeed at the CPU when there is no GPU, and join the group.
 
     ``DS_ACCELERATOR`` must be set before DeepSpeed is first imported, so this runs early.
@@ -93,6 +101,9 @@ def init_distributed(world: World) -> torch.device:
         # (~40 s); training never calls it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               verbose=False)
+    # A rank that died or stalls makes its peers' next collective fail after this long instead
+    # of hanging the job (NCCL then aborts its communicators: TORCH_NCCL_ASYNC_ERROR_HANDLING).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=collective_timeout_s))
     return device

@@ -68,7 +68,8 @@ write_config() {
   cat >"$CONF.tmp" <<EOF
 $MARKER
 ClusterName=megatrain-local
-SlurmctldHost=$host
+# 127.0.0.1: the node need not resolve its own name (containers, CI runners).
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -97,7 +98,9 @@ KillWait=30
 # A requeued job waits cred_expire + 1 s before it may start again (120 s by default); locally
 # there is no reason to wait that long.
 AuthInfo=cred_expire=5
-NodeName=$host CPUs=$cpus State=UNKNOWN
+# ...and the schedulers look at pending jobs every second, not every 30-60 s.
+SchedulerParameters=sched_interval=1,bf_interval=1
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   if [[ -f $CONF ]] && cmp -s "$CONF" "$CONF.tmp"; then

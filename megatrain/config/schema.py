@@ -51,6 +51,12 @@ class DataConfig:
     shuffle: bool = True
     cache_dir: Optional[str] = None  # None: $MEGATRAIN_CACHE or ~/.cache/megatrain
     vocab_size: int = 4096  # vocabulary for a corpus that is prepared on first use
+    # Weighted sources instead of data.train: [{path: DIR|stdlib, name: label, weight: 0.7,
+    # epochs: null}, ...]; all prepared with one tokenizer; data.eval defaults to the first's.
+    mixture: Optional[list[Any]] = None
+    pack_whole_docs: bool = False  # never split a document that fits in a row: pad instead
+    max_skip_fraction: float = 0.01  # unreadable samples a rank may skip per epoch (share)
+    trace: bool = False  # <run.dir>/data_trace/rank<R>.jsonl: the document keys of each step
 
 
 @dataclass
@@ -89,11 +95,35 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
     sample_prompt: Optional[str] = None  # print a generated sample at the end of training
     sample_tokens: int = 200
+    # Numerical faults (megatrain/training/numerics.py): a non-finite loss on any rank skips the
+    # update on all (one host sync per step; false removes it and the spike check); a loss
+    # spike_zscore standard deviations above the last spike_window steps is logged (log) or
+    # rolled back to the last checkpoint, skipping the data in between (rollback); more than
+    # max_bad_steps bad steps in a row stop the run.
+    # A collective that has not completed after this long (a peer died or stalls) ends the run
+    # with an error instead of hanging it. Long enough for the slowest save or eval.
+    collective_timeout_s: float = 600.0
+    skip_nonfinite: bool = True
+    spike_policy: str = "log"  # off | log | rollback
+    spike_window: int = 100
+    spike_zscore: float = 6.0
+    max_bad_steps: int = 5
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    zero_stage: int = 0  # 0 (plain data parallel) | 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO 1-3)
+    offload_param: bool = False  # parameters on the CPU between uses (ZeRO 3)
+    overlap_comm: bool = True  # overlap gradient reduction with the backward (ZeRO 1-3)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (ZeRO 1-2)
+    stage3_prefetch_bucket_size: int = 50_000_000  # elements prefetched ahead (ZeRO 3)
+    # fp16 dynamic loss scaling: start at 2**initial_scale_power, halve on overflow (the step is
+    # skipped), double after loss_scale_window clean steps.
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
 
 
 @dataclass

@@ -23,21 +23,34 @@ SPLITS = ("train", "eval")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One tar shard: its file name, absolute path, sample and token counts, and content hash."""
+    """One tar shard: its file name, absolute path, sample and token counts, content hash and
+    size in bytes (None in manifests written before sizes were recorded)."""
 
     name: str
     path: Path
     samples: int
     tokens: int
     sha256: str
+    nbytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "samples": self.samples,
             "tokens": self.tokens,
             "sha256": self.sha256,
         }
+        if self.nbytes is not None:
+            data["bytes"] = self.nbytes
+        return data
+
+    @classmethod
+    def from_json(cls, root: Path, data: dict[str, Any]) -> ShardInfo:
+        size = data.get("bytes")
+        return cls(
+            data["name"], root / data["name"], int(data["samples"]), int(data["tokens"]),
+            data["sha256"], None if size is None else int(size),
+        )
 
 
 @dataclass
@@ -50,6 +63,8 @@ class Manifest:
     tokenizer: dict[str, Any]
     splits: dict[str, list[ShardInfo]]
     stats: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    """How the corpus was prepared (cleaning, shard size, text field, tokenizer training)."""
 
     @property
     def tokenizer_path(self) -> Path:
@@ -105,19 +120,17 @@ class Manifest:
                 f"unsupported manifest format {data.get('format')!r}, expected {FORMAT}"
             )
         splits = {
-            split: [
-                ShardInfo(
-                    s["name"], root / s["name"], int(s["samples"]), int(s["tokens"]), s["sha256"]
-                )
-                for s in data["splits"].get(split, [])
-            ]
+            split: [ShardInfo.from_json(root, s) for s in data["splits"].get(split, [])]
             for split in SPLITS
         }
         tok = data["tokenizer"]
         missing = {"file", "vocab_size", "eos_id"} - set(tok)
         if missing:
             raise KeyError(f"tokenizer entry lacks {sorted(missing)}")
-        return cls(root, data["source"], int(data["seed"]), tok, splits, data.get("stats", {}))
+        return cls(
+            root, data["source"], int(data["seed"]), tok, splits, data.get("stats", {}),
+            data.get("options", {}),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -129,6 +142,7 @@ class Manifest:
                 split: [s.to_json() for s in shards] for split, shards in self.splits.items()
             },
             "stats": self.stats,
+            "options": self.options,
         }
 
     def save(self) -> Path:

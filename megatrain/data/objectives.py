@@ -217,3 +217,22 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
         return SpanCorruption(seq_len, tokenizer.eos_id, tokenizer.pad_id,
                               tuple(tokenizer.sentinel_ids), noise_density, mean_span)
     raise ConfigError(f"data.objective={name} is not an objective; valid: {', '.join(OBJECTIVES)}")
+
+
+def padded_batch(objective: Objective, rows: np.ndarray, real: np.ndarray,
+                 rng: np.random.Generator) -> dict[str, Any]:
+    """The batch of rows packed with whole documents (``data.pack_whole_docs``): (B, C) ids
+    padded at the end of each row, ``real`` False on padding, where labels become -100. A causal
+    row holds its own shifted label (C = T + 1); a masked-LM row is the T inputs."""
+    if isinstance(objective, CausalLM):
+        inputs, labels = np.ascontiguousarray(rows[:, :-1]), rows[:, 1:].copy()
+        labels[~real[:, 1:]] = IGNORE
+        out = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+        if objective.doc_masking:
+            out["doc_ids"] = torch.from_numpy(doc_ids_of(inputs, objective.eos_id))
+        return out
+    if isinstance(objective, MaskedLM):
+        out = objective.batch(rows.reshape(-1), rows.shape[0], rng)
+        out["labels"][torch.from_numpy(~real)] = IGNORE
+        return out
+    raise ConfigError(f"data.pack_whole_docs supports clm and mlm, not {objective.name}")

@@ -1,49 +1,125 @@
 """Raw corpus → tokenizer + tokenized WebDataset shards + ``manifest.json``.
 
+The pipeline, in the main process unless noted::
+
+    sources (stream) → Cleaner (normalize, min length, dedup) → SplitRouter (train / eval)
+      → skip what finished shards already hold → tokenize (``workers`` processes, in order)
+      → ShardWriter per split (fixed tar headers) → journal line per shard → manifest.json
+
 Documents are tokenized in worker processes with a bounded number of chunks in flight (memory
 does not grow with the corpus) and results are consumed in submission order, so the shards are
-byte-identical for the same inputs and tokenizer, whatever the worker count.
+byte-identical for the same inputs, options and tokenizer, whatever the worker count. Routing and
+cleaning never look at tokens, so a rerun after an interruption replays them cheaply and only
+tokenizes the documents that belong to unfinished shards (see ``journal.py``).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import itertools
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
-from megatrain.data.manifest import MANIFEST, Manifest, ShardInfo, sha256_file
-from megatrain.data.sources import Document, iter_documents, slugify
-from megatrain.data.tokenizer import TOKENIZER_FORMAT, Tokenizer, train_tokenizer
+from megatrain.data.clean import Cleaner, CleanOptions
+from megatrain.data.journal import Journal, JournalShard
+from megatrain.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, sha256_file
+from megatrain.data.shards import (
+    TMP_SUFFIX,
+    Encoded,
+    ShardLimit,
+    ShardWriter,
+    shard_token_counts,
+    token_dtype,
+)
+from megatrain.data.sources import (
+    DEFAULT_TEXT_FIELD,
+    STDLIB,
+    Document,
+    file_documents,
+    resolve_files,
+    slugify,
+)
+from megatrain.data.tokenizer import (
+    DEFAULT_MAX_SENTENCES,
+    TOKENIZER_FORMAT,
+    TOKENIZER_TYPES,
+    Tokenizer,
+    find_tokenizer_file,
+    is_hf_tokenizer_file,
+    train_tokenizer,
+)
 from megatrain.errors import ConfigError, DataError
 
-TOKENIZER_FILE = "tokenizer.model"
-CHUNK_DOCS = 32
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILE = SP_FILE  # the file a trained tokenizer is written to
+DEFAULT_SHARD_TOKENS = 1_000_000
+CHUNK_DOCS = 256
+CHUNK_CHARS = 1 << 18
 IN_FLIGHT_PER_WORKER = 4
 
 log = logging.getLogger("megatrain")
 
 
-class Encoded(NamedTuple):
-    """A tokenized document, ready for a shard."""
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything that decides the output bytes (the worker count and progress bar do not)."""
 
-    key: str
     source: str
-    nbytes: int
-    tokens: np.ndarray
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    tokenizer_type: str = "bpe"
+    tokenizer_sample: int = DEFAULT_MAX_SENTENCES
+    eval_fraction: float = 0.01
+    shard_tokens: int | None = None
+    shard_bytes: int | None = None
+    seed: int = 0
+    text_field: str = DEFAULT_TEXT_FIELD
+    clean: CleanOptions = field(default_factory=CleanOptions)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.shard_tokens is not None and self.shard_bytes is not None:
+            raise ConfigError("give shard_tokens or shard_bytes, not both")
+        for name in ("shard_tokens", "shard_bytes", "tokenizer_sample"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(
+                f"tokenizer type must be one of {', '.join(TOKENIZER_TYPES)}, "
+                f"got {self.tokenizer_type!r}"
+            )
+        if not self.text_field:
+            raise ConfigError("text_field must name a JSONL field / Parquet column")
+
+    @property
+    def limit(self) -> ShardLimit:
+        if self.shard_bytes is not None:
+            return ShardLimit(nbytes=self.shard_bytes)
+        return ShardLimit(tokens=self.shard_tokens or DEFAULT_SHARD_TOKENS)
+
+    def to_json(self) -> dict[str, object]:
+        """The options recorded in the manifest (a given tokenizer by content, not path)."""
+        data = asdict(self)
+        del data["source"], data["tokenizer"]
+        if self.tokenizer is not None:  # training options do not apply to a given tokenizer
+            for name in ("vocab_size", "tokenizer_type", "tokenizer_sample"):
+                del data[name]
+        return data
 
 
 def prepare(
@@ -52,67 +128,184 @@ def prepare(
     *,
     tokenizer: str | None = None,
     vocab_size: int = 8192,
+    tokenizer_type: str = "bpe",
+    tokenizer_sample: int = DEFAULT_MAX_SENTENCES,
     eval_fraction: float = 0.01,
-    shard_tokens: int = 1_000_000,
+    shard_tokens: int | None = None,
+    shard_bytes: int | None = None,
     workers: int = 2,
     seed: int = 0,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    normalize: str = "none",
+    min_chars: int = 0,
+    dedup: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    """Tokenize ``source`` into ``out``; returns the manifest, which is written last."""
-    _check_args(eval_fraction, shard_tokens, workers)
-    out = Path(out)
-    documents = iter_documents(source)  # resolves the source now: fail before any work
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out)
-    model = _tokenizer_model(source, out, tokenizer, vocab_size, workers, seed)
-    tok = Tokenizer.load(model)
-    writer = CorpusWriter(out, tok.vocab_size, shard_tokens, eval_fraction, seed)
-    bar = tqdm(desc="tokenizing", unit="doc", file=sys.stderr,
-               disable=not (progress and sys.stderr.isatty()))
-    with bar:
-        for encoded in encode_documents(documents, model, workers):
-            writer.add(encoded)
-            bar.update()
-    splits = writer.close()
-    manifest = Manifest(out, source, seed, _tokenizer_entry(tok), splits, writer.stats())
-    manifest.save()
-    return manifest
+    """Tokenize ``source`` into ``out``; returns the manifest, which is written last.
 
-
-def _check_args(eval_fraction: float, shard_tokens: int, workers: int) -> None:
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    if shard_tokens < 1:
-        raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
+    Rerunning into the same ``out`` with the same inputs and options continues an interrupted
+    run: finished shards that still verify are kept, the rest is written.
+    """
+    options = PrepareOptions(
+        source, tokenizer, vocab_size, tokenizer_type, tokenizer_sample, eval_fraction,
+        shard_tokens, shard_bytes, seed, text_field, CleanOptions(normalize, min_chars, dedup),
+    )
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
+    return _Run(options, Path(out), workers, progress).run()
 
 
-def _clear_outputs(out: Path) -> None:
-    """Remove a previous run's manifest first (so a crash leaves no stale index), then its shards."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for old in itertools.chain(out.glob("train-*.tar"), out.glob("eval-*.tar")):
-        old.unlink()
+class _Run:
+    """One prepare: resume bookkeeping, tokenizer, then the document pipeline."""
+
+    def __init__(self, options: PrepareOptions, out: Path, workers: int, progress: bool) -> None:
+        self.options, self.out, self.workers, self.progress = options, out, workers, progress
+        self.files: list[tuple[Path, str]] = []  # resolved by run()
+
+    def run(self) -> Manifest:
+        self.files = files = resolve_files(self.options.source)  # fail early on a bad source
+        given = _given_tokenizer(self.options.tokenizer)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / MANIFEST).unlink(missing_ok=True)  # a crash must not leave a stale index
+        journal = Journal.open(self.out, _fingerprint(self.options, files, given))
+        if not journal.resumed:
+            _clear_outputs(self.out, keep=given)
+        tok = self._tokenizer(journal, given)
+        done = _verified_shards(journal)
+        _remove_unlisted_shards(self.out, done)
+        if any(done.values()):
+            log.info("resuming %s: %s already finished", self.out,
+                     ", ".join(f"{len(v)} {k} shards" for k, v in done.items()))
+        writer = CorpusWriter(self.out, tok.vocab_size, self.options.limit, done, journal)
+        cleaner = Cleaner(self.options.clean)
+        self._tokenize(cleaner, writer, tok.path, {s: sum(j.inputs for j in v)
+                                                    for s, v in done.items()})
+        splits = writer.close()
+        stats = writer.stats() | cleaner.stats()
+        _log_stats(stats)
+        manifest = Manifest(self.out, self.options.source, self.options.seed, _tokenizer_entry(tok),
+                            splits, stats, self.options.to_json())
+        manifest.save()
+        return manifest
+
+    def _tokenizer(self, journal: Journal, given: Path | None) -> Tokenizer:
+        """The journal's tokenizer when its file is intact, else a copied or trained one."""
+        recorded = journal.tokenizer
+        if recorded is not None:
+            path = self.out / recorded["file"]
+            if path.is_file() and sha256_file(path) == recorded["sha256"]:
+                return Tokenizer.load(path)
+        path = _copy_tokenizer(given, self.out) if given else self._train_tokenizer()
+        journal.set_tokenizer({"file": path.name, "sha256": sha256_file(path)})
+        return Tokenizer.load(path)
+
+    def _documents(self) -> Iterator[Document]:
+        o = self.options
+        return file_documents(self.files, stdlib=o.source == STDLIB, text_field=o.text_field)
+
+    def _train_tokenizer(self) -> Path:
+        o = self.options
+        texts = (d.text for d in Cleaner(o.clean)(self._documents()))
+        return train_tokenizer(texts, self.out / SP_FILE, o.vocab_size, model_type=o.tokenizer_type,
+                               threads=self.workers, max_sentences=o.tokenizer_sample, seed=o.seed)
+
+    def _tokenize(
+        self, cleaner: Cleaner, writer: CorpusWriter, model: Path, skip: dict[str, int]
+    ) -> None:
+        o = self.options
+        docs = cleaner(self._documents())
+        routed = SplitRouter(o.eval_fraction, o.seed).route(docs)
+        pending = _skip_finished(routed, skip)
+        bar = tqdm(desc="tokenizing", unit="doc", file=sys.stderr,
+                   disable=not (self.progress and sys.stderr.isatty()))
+        with bar:
+            for encoded in encode_documents(pending, model, self.workers):
+                writer.add(encoded)
+                bar.update()
 
 
-def _tokenizer_model(
-    source: str, out: Path, tokenizer: str | None, vocab_size: int, workers: int, seed: int
-) -> Path:
-    """Copy the given model into ``out``, or train one on ``source``."""
-    target = out / TOKENIZER_FILE
+def _given_tokenizer(tokenizer: str | None) -> Path | None:
+    """The file of a ``--tokenizer`` (a model, a tokenizer.json, or a folder with either)."""
     if tokenizer is None:
-        texts = (doc.text for doc in iter_documents(source))
-        return train_tokenizer(texts, target, vocab_size, threads=workers, seed=seed)
-    given = Path(tokenizer)
-    Tokenizer.load(given)  # DataError if missing or not a model
+        return None
+    path = find_tokenizer_file(Path(tokenizer).expanduser())
+    Tokenizer.load(path)  # DataError now if it is not a tokenizer
+    return path
+
+
+def _copy_tokenizer(given: Path, out: Path) -> Path:
+    """Copy a given tokenizer into ``out`` (with its tokenizer_config.json, for HF)."""
+    hf = is_hf_tokenizer_file(given)
+    target = out / (HF_FILE if hf else SP_FILE)
     if given.resolve() != target.resolve():
         shutil.copyfile(given, target)
+    config = given.parent / HF_CONFIG_FILE
+    if hf and config.is_file() and config.resolve() != (out / HF_CONFIG_FILE).resolve():
+        shutil.copyfile(config, out / HF_CONFIG_FILE)
     return target
 
 
+def _fingerprint(options: PrepareOptions, files: list[tuple[Path, str]], given: Path | None) -> str:
+    """A hash of what decides the output: the files (name, size, mtime), options, tokenizer."""
+    digest = hashlib.sha256()
+    for path, label in files:
+        st = path.stat()
+        digest.update(f"{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    config = {
+        "source": options.source,
+        "options": options.to_json(),
+        "tokenizer": sha256_file(given) if given else None,
+        "files": digest.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_files(out: Path) -> Iterator[Path]:
+    patterns = [f"{split}-*.tar{tmp}" for split in SPLITS for tmp in ("", TMP_SUFFIX)]
+    return itertools.chain.from_iterable(out.glob(p) for p in patterns)
+
+
+def _clear_outputs(out: Path, keep: Path | None) -> None:
+    """A fresh start: remove an earlier run's shards and tokenizer (unless it is the given one)."""
+    for old in _shard_files(out):
+        old.unlink()
+    kept = {keep.resolve(), (keep.parent / HF_CONFIG_FILE).resolve()} if keep else set()
+    for name in (SP_FILE, HF_FILE, HF_CONFIG_FILE):
+        if (out / name).resolve() not in kept:
+            (out / name).unlink(missing_ok=True)
+
+
+def _verified_shards(journal: Journal) -> dict[str, list[JournalShard]]:
+    """Each split's longest prefix of journaled shards whose file has its size and sha256."""
+    kept: dict[str, list[JournalShard]] = {}
+    for split, shards in journal.shards.items():
+        kept[split] = list(itertools.takewhile(_intact, shards))
+        if len(kept[split]) < len(shards):
+            log.warning("%s: %s and later %s shards will be written again",
+                        journal.path.parent, shards[len(kept[split])].info.name, split)
+    journal.keep(kept)
+    return kept
+
+
+def _intact(shard: JournalShard) -> bool:
+    path = shard.info.path
+    return (path.is_file() and path.stat().st_size == shard.info.nbytes
+            and sha256_file(path) == shard.info.sha256)
+
+
+def _remove_unlisted_shards(out: Path, done: dict[str, list[JournalShard]]) -> None:
+    """Remove half-written (``.tmp``) and unverified shard files: they will be rewritten."""
+    keep = {s.info.name for shards in done.values() for s in shards}
+    for path in _shard_files(out):
+        if path.name not in keep:
+            path.unlink()
+
+
 def _tokenizer_entry(tok: Tokenizer) -> dict[str, object]:
+    if tok.eos_id < 0:
+        raise DataError(f"tokenizer {tok.path} has no end-of-text token; the stream needs one")
     return {
-        "file": TOKENIZER_FILE,
+        "file": tok.path.name,
         "sha256": sha256_file(tok.path),
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
@@ -121,9 +314,72 @@ def _tokenizer_entry(tok: Tokenizer) -> dict[str, object]:
     }
 
 
-def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """The smallest dtype the shards use for ids below ``vocab_size``."""
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+def _log_stats(stats: dict[str, object]) -> None:
+    log.info(
+        "read %d documents; dropped %d short, %d duplicate, %d empty; wrote %d (%d train / %d "
+        "eval), %d tokens", stats["documents_read"], stats["dropped_short"],
+        stats["dropped_duplicate"], stats["dropped_empty"], stats["documents"],
+        stats["train_documents"], stats["eval_documents"],
+        stats["train_tokens"] + stats["eval_tokens"],
+    )
+
+
+# --- routing --------------------------------------------------------------------------------
+
+
+class SplitRouter:
+    """Decides each document's split from its key alone (no tokens needed, so a resumed run can
+    replay it cheaply).
+
+    A document is held for eval when ``hash(seed, key) < eval_fraction``. So that a small corpus
+    still gets an eval split, the lowest-hash train document is held back until the first eval
+    document appears; if none does, it becomes the eval split.
+    """
+
+    def __init__(self, eval_fraction: float, seed: int) -> None:
+        self.eval_fraction, self.seed = eval_fraction, seed
+
+    def route(self, docs: Iterable[Document]) -> Iterator[tuple[str, Document]]:
+        """``(split, document)`` in the order the documents are written."""
+        held: tuple[float, Document] | None = None
+        seen_eval = False
+        for doc in docs:
+            score = split_score(self.seed, doc.key)
+            if score < self.eval_fraction:
+                seen_eval = True
+                yield "eval", doc
+                if held is not None:
+                    yield "train", held[1]
+                    held = None
+            elif self.eval_fraction > 0 and not seen_eval:
+                if held is None or score < held[0]:
+                    if held is not None:
+                        yield "train", held[1]
+                    held = (score, doc)
+                else:
+                    yield "train", doc
+            else:
+                yield "train", doc
+        if held is not None:
+            yield "eval", held[1]
+
+
+def _skip_finished(
+    routed: Iterable[tuple[str, Document]], skip: dict[str, int]
+) -> Iterator[tuple[str, Document]]:
+    """Drop the first ``skip[split]`` documents of each split: finished shards hold them."""
+    left = dict(skip)
+    for split, doc in routed:
+        if left.get(split, 0) > 0:
+            left[split] -= 1
+        else:
+            yield split, doc
+
+
+def split_score(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) determined by (seed, key): the document's split lottery."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 # --- tokenization in worker processes -------------------------------------------------------
@@ -131,31 +387,38 @@ def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model: str) -> None:
+def _init_worker(model: str, pool: bool = False) -> None:
     global _worker_tokenizer
+    if pool:  # one thread per worker process, also for Hugging Face tokenizers (rayon)
+        os.environ["RAYON_NUM_THREADS"] = "1"
     _worker_tokenizer = Tokenizer.load(model)
 
 
-def _encode_chunk(docs: list[Document]) -> list[Encoded]:
-    """Tokenize a chunk of documents in a worker (or in-process when there is one worker)."""
-    assert _worker_tokenizer is not None, "worker not initialized"
-    dtype = token_dtype(_worker_tokenizer.vocab_size)
-    ids = _worker_tokenizer.encode_batch([d.text for d in docs])
+def _encode_chunk(chunk: list[tuple[str, Document]]) -> list[Encoded]:
+    """Tokenize a chunk in a worker (or in-process for one worker), on one thread: the workers
+    are the parallelism."""
+    tok = _worker_tokenizer
+    assert tok is not None, "worker not initialized"
+    dtype = token_dtype(tok.vocab_size)
+    ids = tok.encode_arrays([doc.text for _, doc in chunk], threads=1)
     return [
-        Encoded(d.key, d.source, len(d.text.encode("utf-8")), np.asarray(t, dtype=dtype))
-        for d, t in zip(docs, ids)
+        Encoded(split, d.key, d.source, len(d.text.encode("utf-8", "surrogatepass")),
+                t.astype(dtype))
+        for (split, d), t in zip(chunk, ids)
     ]
 
 
-def encode_documents(docs: Iterable[Document], model: Path, workers: int) -> Iterator[Encoded]:
+def encode_documents(
+    docs: Iterable[tuple[str, Document]], model: Path, workers: int
+) -> Iterator[Encoded]:
     """Tokenized documents in input order; ``workers`` processes, at most a few chunks queued."""
-    chunks = _chunks(docs, CHUNK_DOCS)
+    chunks = _chunks(docs)
     if workers == 1:
         _init_worker(str(model))
         for chunk in chunks:
             yield from _encode_chunk(chunk)
         return
-    with mp.Pool(workers, initializer=_init_worker, initargs=(str(model),)) as pool:
+    with mp.Pool(workers, initializer=_init_worker, initargs=(str(model), True)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -165,100 +428,53 @@ def encode_documents(docs: Iterable[Document], model: Path, workers: int) -> Ite
             yield from pending.popleft().get()
 
 
-def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    iterator = iter(docs)
-    while chunk := list(itertools.islice(iterator, size)):
+def _chunks(docs: Iterable[tuple[str, Document]]) -> Iterator[list[tuple[str, Document]]]:
+    """Groups of at most ``CHUNK_DOCS`` documents or about ``CHUNK_CHARS`` characters."""
+    chunk: list[tuple[str, Document]] = []
+    chars = 0
+    for item in docs:
+        chunk.append(item)
+        chars += len(item[1].text)
+        if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
         yield chunk
 
 
 # --- writing shards -------------------------------------------------------------------------
 
 
-class ShardWriter:
-    """Writes one split's samples to ``<split>-NNNNNN.tar``, rolling over every ``shard_tokens``."""
-
-    def __init__(self, out: Path, split: str, shard_tokens: int) -> None:
-        self.out, self.split, self.shard_tokens = out, split, shard_tokens
-        self.shards: list[ShardInfo] = []
-        self._file: io.BufferedWriter | None = None
-        self._tar: wds.TarWriter | None = None
-        self._samples = self._tokens = 0
-
-    def write(self, doc: Encoded) -> None:
-        if self._tar is None:
-            self._open()
-        meta = json.dumps({"source": doc.source, "bytes": doc.nbytes}, sort_keys=True)
-        self._tar.write(
-            {"__key__": doc.key, "tokens.npy": _npy_bytes(doc.tokens), "json": meta.encode()}
-        )
-        self._samples += 1
-        self._tokens += len(doc.tokens)
-        if self._tokens >= self.shard_tokens:
-            self._close_shard()
-
-    def close(self) -> list[ShardInfo]:
-        if self._tar is not None:
-            self._close_shard()
-        return self.shards
-
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._file = (self.out / name).open("wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
-        self._samples = self._tokens = 0
-
-    def _close_shard(self) -> None:
-        self._tar.close()
-        self._file.close()
-        path = Path(self._file.name)
-        self.shards.append(
-            ShardInfo(path.name, path, self._samples, self._tokens, sha256_file(path))
-        )
-        self._tar = self._file = None
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 class CorpusWriter:
-    """Routes documents to the train or eval split and keeps the corpus statistics.
-
-    A document is held for eval when ``hash(seed, key) < eval_fraction``. So that a small corpus
-    still gets an eval split, the lowest-hash train document is held back until the first eval
-    document appears; if none does, it becomes the eval split.
-    """
+    """Sends tokenized documents to their split's shards and keeps the corpus statistics."""
 
     def __init__(
-        self, out: Path, vocab_size: int, shard_tokens: int, eval_fraction: float, seed: int
-    ):
-        self.writers = {s: ShardWriter(out, s, shard_tokens) for s in ("train", "eval")}
-        self.eval_fraction, self.seed = eval_fraction, seed
+        self, out: Path, vocab_size: int, limit: ShardLimit,
+        done: dict[str, list[JournalShard]], journal: Journal,
+    ) -> None:
+        self.writers = {
+            split: ShardWriter(out, split, limit, [s.info for s in done[split]], journal.add_shard)
+            for split in SPLITS
+        }
+        self.documents = {s: sum(j.info.samples for j in done[s]) for s in SPLITS}
+        self.tokens = {s: sum(j.info.tokens for j in done[s]) for s in SPLITS}
         self.counts = np.zeros(vocab_size, dtype=np.int64)
-        self.documents = {"train": 0, "eval": 0}
-        self.tokens = {"train": 0, "eval": 0}
-        self._held: tuple[float, Encoded] | None = None
+        for shard in done["train"]:
+            self.counts += shard_token_counts(shard.info.path, vocab_size)
+        self.empty = 0
 
     def add(self, doc: Encoded) -> None:
-        if len(doc.tokens) == 0:
+        if len(doc.tokens) == 0:  # text the tokenizer normalizes away entirely
+            self.empty += 1
+            self.writers[doc.split].skip()
             return
-        score = split_score(self.seed, doc.key)
-        if score < self.eval_fraction:
-            self._write("eval", doc)
-            self._release_held("train")
-        elif self.eval_fraction > 0 and self.documents["eval"] == 0:
-            if self._held is None or score < self._held[0]:
-                self._release_held("train")
-                self._held = (score, doc)
-            else:
-                self._write("train", doc)
-        else:
-            self._write("train", doc)
+        self.writers[doc.split].write(doc)
+        self.documents[doc.split] += 1
+        self.tokens[doc.split] += len(doc.tokens)
+        if doc.split == "train":
+            self.counts += np.bincount(doc.tokens, minlength=len(self.counts))
 
     def close(self) -> dict[str, list[ShardInfo]]:
-        self._release_held("eval")
         if self.documents["train"] == 0:
             raise DataError("the corpus has no training documents (is it empty?)")
         return {split: writer.close() for split, writer in self.writers.items()}
@@ -270,26 +486,9 @@ class CorpusWriter:
             "eval_documents": self.documents["eval"],
             "train_tokens": self.tokens["train"],
             "eval_tokens": self.tokens["eval"],
+            "dropped_empty": self.empty,
             "unigram_entropy": unigram_entropy(self.counts),
         }
-
-    def _release_held(self, split: str) -> None:
-        if self._held is not None:
-            self._write(split, self._held[1])
-            self._held = None
-
-    def _write(self, split: str, doc: Encoded) -> None:
-        self.writers[split].write(doc)
-        self.documents[split] += 1
-        self.tokens[split] += len(doc.tokens)
-        if split == "train":
-            self.counts += np.bincount(doc.tokens, minlength=len(self.counts))
-
-
-def split_score(seed: int, key: str) -> float:
-    """A uniform number in [0, 1) determined by (seed, key): the document's split lottery."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def unigram_entropy(counts: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""SentencePiece BPE tokenizer that round-trips source code exactly.
+"""SentencePiece tokenizer (BPE, unigram or char) that round-trips source code exactly.
 
 The default corpus is Python source, where indentation, tabs and newlines carry meaning, so the
 model is trained with identity normalization, no whitespace collapsing, no dummy prefix and byte
@@ -9,6 +9,10 @@ Every trained model also reserves the control tokens BERT and T5 need: ``[CLS]``
 ``[MASK]`` and the T5 sentinels ``<extra_id_0>`` … ``<extra_id_99>``. Control tokens are never
 produced by ``encode`` (text that spells them stays text) and decode to nothing; the objectives
 insert them.
+
+``Tokenizer.load`` also reads a Hugging Face ``tokenizer.json`` (dispatching on the file's
+content, so a copy under another name still loads) into :class:`~megatrain.data.hf_tokenizer.
+HFTokenizer`, an adapter with the same interface.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from megatrain.errors import ConfigError, DataError
@@ -31,6 +36,7 @@ TOKENIZER_FORMAT = 2
 MIN_VOCAB = 256 + 5 + len(CONTROL_TOKENS)  # bytes, unk/bos/eos/pad/newline, control tokens
 DEFAULT_MAX_SENTENCES = 300_000
 MAX_LINE_BYTES = 8192
+TOKENIZER_TYPES = ("bpe", "unigram", "char")
 
 
 class Tokenizer:
@@ -59,10 +65,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load ``path`` (a ``tokenizer.model``); DataError if it is missing or not a model."""
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"tokenizer model {path} does not exist")
+        """Load a SentencePiece model or a Hugging Face ``tokenizer.json`` (or a folder holding
+        ``tokenizer.model`` or ``tokenizer.json``); DataError if it is missing or neither."""
+        path = find_tokenizer_file(Path(path))
+        if is_hf_tokenizer_file(path):
+            from megatrain.data.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer.from_file(path)
         processor = spm.SentencePieceProcessor()
         try:
             processor.Load(str(path))
@@ -74,13 +83,40 @@ class Tokenizer:
         """Token ids of ``text``, without BOS/EOS."""
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text (SentencePiece batches the calls in C++)."""
-        return self._sp.encode(texts)
+    def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
+        """Token ids of each text (SentencePiece batches the calls in C++ on ``threads`` threads;
+        -1: all cores)."""
+        return self._sp.encode(texts, num_threads=threads)
+
+    def encode_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+        """Token ids of each text as integer arrays: no Python int per token (prepare's path)."""
+        try:
+            return self._sp.encode(texts, num_threads=threads, out_type="numpy")
+        except (ValueError, RuntimeError):  # an older sentencepiece has no numpy output
+            return [np.asarray(ids) for ids in self._sp.encode(texts, num_threads=threads)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; the inverse of :meth:`encode`."""
         return self._sp.decode([int(i) for i in ids])
+
+
+def find_tokenizer_file(path: Path) -> Path:
+    """``path`` itself, or for a folder its ``tokenizer.model`` (preferred) or ``tokenizer.json``."""
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return path / name
+        raise DataError(f"tokenizer folder {path} holds neither tokenizer.model nor tokenizer.json")
+    if not path.is_file():
+        raise DataError(f"tokenizer model {path} does not exist")
+    return path
+
+
+def is_hf_tokenizer_file(path: Path) -> bool:
+    """True for a JSON file (a ``tokenizer.json``); a SentencePiece model is binary protobuf,
+    whose first byte is never ``{``."""
+    with path.open("rb") as f:
+        return f.read(64).lstrip()[:1] == b"{"
 
 
 def _sample_lines(texts: Iterable[str], max_sentences: int, seed: int) -> list[str]:
@@ -110,11 +146,19 @@ def train_tokenizer(
     model_path: Path,
     vocab_size: int,
     *,
+    model_type: str = "bpe",
     threads: int = 1,
     max_sentences: int = DEFAULT_MAX_SENTENCES,
     seed: int = 0,
 ) -> Path:
-    """Train a byte-fallback BPE model on a bounded sample of ``texts``; write ``model_path``."""
+    """Train a byte-fallback model (``bpe``, ``unigram`` or ``char``) on a reservoir sample of
+    at most ``max_sentences`` lines of ``texts``; write ``model_path``."""
+    if model_type not in TOKENIZER_TYPES:
+        raise ConfigError(
+            f"tokenizer type must be one of {', '.join(TOKENIZER_TYPES)}, got {model_type!r}"
+        )
+    if max_sentences < 1:
+        raise ConfigError(f"the tokenizer sample must hold at least 1 line, got {max_sentences}")
     if vocab_size < MIN_VOCAB:
         raise ConfigError(
             f"vocab_size must be at least {MIN_VOCAB} (256 bytes + {MIN_VOCAB - 256} special "
@@ -128,7 +172,7 @@ def train_tokenizer(
         spm.SentencePieceTrainer.Train(
             sentence_iterator=iter(lines),
             model_writer=proto,
-            **_trainer_options(vocab_size, threads),
+            **_trainer_options(vocab_size, threads, model_type),
         )
     except RuntimeError as exc:  # e.g. a vocabulary smaller than the corpus' distinct characters
         raise ConfigError(f"cannot train a {vocab_size}-piece tokenizer: {exc}") from exc
@@ -138,10 +182,10 @@ def train_tokenizer(
     return model_path
 
 
-def _trainer_options(vocab_size: int, threads: int) -> dict[str, object]:
+def _trainer_options(vocab_size: int, threads: int, model_type: str = "bpe") -> dict[str, object]:
     """SentencePiece options for lossless code tokenization (see the module docstring)."""
     return {
-        "model_type": "bpe",
+        "model_type": model_type,
         "vocab_size": vocab_size,
         "hard_vocab_limit": False,
         "byte_fallback": True,

@@ -39,3 +39,17 @@ def resolve_corpus(data_cfg: Any, world: World) -> tuple[Manifest, Manifest]:
     train = _load(data_cfg.train, data_cfg, workers)
     evaluation = _load(data_cfg.eval, data_cfg, workers) if data_cfg.eval else train
     return train, evaluation
+
+
+def resolve_train_data(data_cfg: Any, world: World) -> tuple[list | None, Manifest, Manifest]:
+    """(mixture sources or None, train manifest, eval manifest). With ``data.mixture`` the first
+    source's manifest gives the tokenizer and, unless ``data.eval`` is set, the eval shards."""
+    if not data_cfg.get("mixture"):
+        return None, *resolve_corpus(data_cfg, world)
+    from megatrain.data.mixture import build_sources, parse_mixture
+
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    entries = parse_mixture(data_cfg.mixture)
+    sources, manifests = build_sources(entries, lambda path: _load(path, data_cfg, workers))
+    evaluation = _load(data_cfg.eval, data_cfg, workers) if data_cfg.eval else manifests[0]
+    return sources, manifests[0], evaluation

@@ -30,27 +30,79 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def deepspeed_config(cfg: Any, precision: str, world_size: int) -> dict[str, Any]:
-    """Translate the Hydra config into DeepSpeed's JSON config."""
-    t = cfg.trainer
-    stage = cfg.deepspeed.zero_stage
+def check_engine_config(ds: Any, precision: str) -> None:
+    """Refuse at start the combinations DeepSpeed cannot run, saying why."""
+    stage = ds.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={stage} is not one of 0, 1, 2, 3")
+    if ds.offload_optimizer and stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO (deepspeed.zero_stage=1, 2 or "
+                          "3): stage 0 keeps no optimizer partitions to offload")
+    if ds.offload_param and stage != 3:
+        raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage=3 (got {stage}): "
+                          "only stage 3 partitions the parameters")
+    if precision == "fp16" and ds.min_loss_scale <= 0:
+        raise ConfigError(f"deepspeed.min_loss_scale={ds.min_loss_scale} must be positive")
+
+
+def _zero_config(ds: Any) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 0:
+        return zero
+    zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=True,
+                reduce_bucket_size=ds.reduce_bucket_size)
+    if ds.zero_stage < 3:
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    else:
+        zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def deepspeed_config(cfg: Any, precision: str, world_size: int,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """Translate the Hydra config into DeepSpeed's JSON config; ``load_universal`` when the run
+    resumes from a universal checkpoint (another world size or ZeRO stage)."""
+    t, ds = cfg.trainer, cfg.deepspeed
+    check_engine_config(ds, precision)
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": _zero_config(ds),
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": ds.initial_scale_power,
+                 "loss_scale_window": ds.loss_scale_window, "min_loss_scale": ds.min_loss_scale},
         "zero_allow_untested_optimizer": True,
+        # Our AdamW (fused on CUDA) also steps offloaded CPU partitions; DeepSpeedCPUAdam would
+        # need a JIT-compiled op.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
 
 
-def build_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` can be made a no-op (``skip_next``): every DeepSpeed path
+    (ZeRO 0-3, bf16, offload) ends in this step, so skipping here skips the update exactly —
+    weights, moments and step counts untouched — whatever wraps it."""
+
+    skip_next = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> SkippableAdamW:
     """AdamW; weight decay on matrices only (not on biases and norm gains)."""
     o = cfg.optim
     if o.name != "adamw":
@@ -60,8 +112,8 @@ def build_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> torch.o
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             fused=device.type == "cuda")
+    return SkippableAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                          fused=device.type == "cuda")
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any) -> torch.optim.lr_scheduler.LambdaLR:
@@ -72,15 +124,18 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any) -> torch.optim.lr
 
 
 def initialize_engine(model: nn.Module, cfg: Any, precision: str, world_size: int,
-                      device: torch.device) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with our optimizer and schedule."""
+                      device: torch.device,
+                      load_universal: bool = False) -> tuple[Any, SkippableAdamW]:
+    """Wrap ``model`` in a DeepSpeed engine with our optimizer and schedule: (engine, optimizer)."""
     import deepspeed
 
+    config = deepspeed_config(cfg, precision, world_size, load_universal)  # refuses bad ones first
     optimizer = build_optimizer(model, cfg, device)
     schedule = build_schedule(optimizer, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(cfg, precision, world_size))
-    log.info("deepspeed: ZeRO stage %d, %s, %d rank(s)", cfg.deepspeed.zero_stage, precision,
-             world_size)
-    return engine
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=schedule, config=config)
+    ds = cfg.deepspeed
+    log.info("deepspeed: ZeRO stage %d%s%s, %s, %d rank(s)", ds.zero_stage,
+             ", optimizer offload" if ds.offload_optimizer else "",
+             ", parameter offload" if ds.offload_param else "", precision, world_size)
+    return engine, optimizer

@@ -1,4 +1,4 @@
-"""Stopping cleanly when the scheduler says so.
+"""Stopping cleanly when the scheduler says so, and the faults tests inject.
 
 SIGTERM (torchrun, ``scancel``, a preemption) and SIGUSR1 (SLURM's ``--signal`` warning before
 the time limit) only set a flag. At the next step boundary all ranks agree — a one-integer
@@ -9,7 +9,9 @@ every rank finishes the step, saves a checkpoint and exits with ``EXIT_REQUEUE``
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from dataclasses import dataclass
 from types import FrameType
 
 import torch
@@ -57,3 +59,32 @@ class StopSignals:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Faults the fault-injection tests switch on through the environment; never set otherwise.
+
+    ``MEGATRAIN_FAULT_NAN=STEP:RANK`` makes that rank's loss NaN at that step;
+    ``MEGATRAIN_FAULT_SAVE_DELAY=SECONDS`` holds every save that long between writing and
+    publishing, so a test's SIGKILL can land mid-save.
+    """
+
+    nan_step: int | None = None
+    nan_rank: int | None = None
+    save_delay_s: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> FaultInjection:
+        nan = os.environ.get("MEGATRAIN_FAULT_NAN")
+        step, rank = (int(x) for x in nan.split(":")) if nan else (None, None)
+        delay = float(os.environ.get("MEGATRAIN_FAULT_SAVE_DELAY", "0"))
+        if nan or delay:
+            log.warning("fault injection is on: nan=%s save_delay=%ss", nan, delay)
+        return cls(step, rank, delay)
+
+    def poison(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        """``loss``, made NaN where the test asked for it."""
+        if step == self.nan_step and rank == self.nan_rank:
+            return loss * float("nan")
+        return loss

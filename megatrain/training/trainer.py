@@ -6,6 +6,7 @@ log steps, so a step issues no host–device synchronisation of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatrain.data.objectives import IGNORE, Objective, build_objective
 from megatrain.data.stream import build_train_stream, iter_eval_batches
 from megatrain.data.tokenizer import Tokenizer
+from megatrain.data.trace import TraceWriter
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
 from megatrain.logging import MetricSinks, build_sinks
@@ -29,11 +31,12 @@ from megatrain.models.flops import peak_tflops_for
 from megatrain.models.generation import generate
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.training import checkpoint as ckpt
-from megatrain.training.data_setup import resolve_corpus
+from megatrain.training.data_setup import resolve_train_data
 from megatrain.training.engine import initialize_engine, resolve_precision
-from megatrain.training.faults import Preempted, StopSignals
+from megatrain.training.faults import FaultInjection, Preempted, StopSignals
 from megatrain.training.init_from import pretrained_config
 from megatrain.training.metrics import Throughput, memory_gb
+from megatrain.training.numerics import StepGuard
 from megatrain.training.parallelize import parallelize
 
 log = logging.getLogger("megatrain")
@@ -45,6 +48,8 @@ class Progress:
 
     step: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # updates skipped for a non-finite loss
+    rollbacks: int = 0  # loss spikes rolled back to the last checkpoint
 
 
 def _total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -56,26 +61,42 @@ def _total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
 class Trainer:
     """Builds everything from a resolved config, then ``train()`` runs to ``trainer.max_steps``."""
 
-    def __init__(self, cfg: DictConfig, world: World, device: torch.device) -> None:
+    def __init__(self, cfg: DictConfig, world: World, device: torch.device,
+                 signals: StopSignals | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(cfg.run.dir)
-        self.train_manifest, self.eval_manifest = resolve_corpus(cfg.data, world)
+        self.sources, self.train_manifest, self.eval_manifest = resolve_train_data(cfg.data,
+                                                                                  world)
         self.tokenizer = Tokenizer.load(self.train_manifest.tokenizer_path)
         self.precision = resolve_precision(cfg.trainer.precision, device)
         self.model_cfg, self.spec, model = self._build_model()
         self.objective = self._build_objective()
-        self.engine = initialize_engine(model, cfg, self.precision, world.world_size, device)
+        self.resume_from = ckpt.find_checkpoint(self.run_dir, cfg.run.resume)
+        self.resume_layout = "same" if self.resume_from is None else ckpt.resume_layout(
+            self.resume_from, world.world_size, cfg.deepspeed.zero_stage)
+        if self.resume_layout == ckpt.UNIVERSAL:
+            ckpt.universal_checkpoint(self.resume_from, world.rank)
+        self.engine, self.optimizer = initialize_engine(
+            model, cfg, self.precision, world.world_size, device,
+            load_universal=self.resume_layout == ckpt.UNIVERSAL)
+        self.guard = StepGuard(cfg.trainer, world.world_size) if cfg.trainer.skip_nonfinite \
+            else None
+        self.faults = FaultInjection.from_env()
         self.stream = build_train_stream(
             self.train_manifest, seq_len=cfg.data.seq_len,
             micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
             rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
-            shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda", objective=self.objective)
+            shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda", objective=self.objective,
+            sources=self.sources, pack_whole_docs=cfg.data.pack_whole_docs,
+            max_skip_fraction=cfg.data.max_skip_fraction)
         self.progress = Progress()
-        self.signals = StopSignals()
+        self.signals = signals or StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
         self._engine_hides_grad_norm = cfg.deepspeed.zero_stage == 0 and self.precision == "fp32"
         self._grad_norm: torch.Tensor | None = None
         wandb_id = self._maybe_resume()
+        self.trace = TraceWriter(self.run_dir, world.rank, world.world_size,
+                                 self.progress.step) if cfg.data.trace else None
         self.sinks = self._build_sinks(wandb_id) if world.is_main else None
         peak = cfg.trainer.peak_tflops or peak_tflops_for(device)
         self.throughput = Throughput(self.spec.flops_per_token(self.model_cfg, cfg.data.seq_len),
@@ -122,14 +143,17 @@ class Trainer:
 
     def _maybe_resume(self) -> str | None:
         """Load the checkpoint ``run.resume`` names; return the W&B run id it carries."""
-        found = ckpt.find_checkpoint(self.run_dir, self.cfg.run.resume)
+        found = self.resume_from
         if found is None:
             return None
-        state = ckpt.load_checkpoint(self.engine, found, self.world.rank, self.world.world_size)
+        state = ckpt.load_checkpoint(self.engine, found, self.world.rank, self.resume_layout)
         self.progress = Progress(**state["progress"])
-        self.stream.load_state_dict(state["stream"])
+        own = state["stream"]  # other ranks' states too when the layout changed (elastic)
+        self.stream.load_state_dict(
+            ckpt.stream_states(found) if self.stream.needs_every_rank(own) else own)
         ckpt.set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", found, self.progress.step)
+        log.info("resumed from %s at step %d (weights checksum %r, saved %r)", found,
+                 self.progress.step, self._weights_checksum(), state.get("weights_checksum"))
         return state.get("wandb_run_id")
 
     def _build_sinks(self, wandb_id: str | None) -> MetricSinks:
@@ -150,9 +174,11 @@ class Trainer:
         while self.progress.step < t.max_steps:
             step = self.progress.step + 1
             log_now = step % t.log_every == 0 or step == t.max_steps
-            loss_sum += self.train_step(batches, measure_grad_norm=log_now)
-            steps_in_window += 1
-            if log_now:
+            loss = self.train_step(batches, measure_grad_norm=log_now)
+            if loss is not None:
+                loss_sum += loss
+                steps_in_window += 1
+            if log_now and steps_in_window:
                 self._log_train(loss_sum / steps_in_window)
                 loss_sum.zero_()
                 steps_in_window = 0
@@ -161,32 +187,76 @@ class Trainer:
             saved = step % t.save_every == 0 or step == t.max_steps
             if saved:
                 self.save()
-            if self.signals.should_stop():
+            if step < t.max_steps and self.signals.should_stop():  # at the end: just finish
                 self._stop_on_signal(already_saved=saved)
         if not last_eval:  # resumed at the end: still report where the model stands
             last_eval = self.evaluate()
         return last_eval
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]],
-                   measure_grad_norm: bool = False) -> torch.Tensor:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss (on device)."""
+                   measure_grad_norm: bool = False) -> torch.Tensor | None:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss (on device),
+        or None when the update was skipped or rolled back (see ``numerics``)."""
         accum = self.cfg.trainer.grad_accum_steps
         total = torch.zeros((), device=self.device)
+        verdict = None
         for micro in range(accum):
             batch = next(batches)
             loss = self.forward_backward_step(batch)
-            if measure_grad_norm and micro == accum - 1 and self._engine_hides_grad_norm:
-                self._grad_norm = _total_grad_norm(self.engine.module)
-            self.engine.step()
             total += loss.detach()
+            if micro == accum - 1:
+                if measure_grad_norm and self._engine_hides_grad_norm:
+                    self._grad_norm = _total_grad_norm(self.engine.module)
+                verdict = self._judge(total / accum)
+            self.engine.step()
+            self.optimizer.skip_next = False
             tokens = batch["input_ids"].numel() * self.world.world_size  # a shape: no sync
             self.throughput.add(tokens)
             self.progress.tokens_seen += tokens
         self.progress.step += 1
-        return total / accum
+        keys, epochs = self.stream.pop_trace()  # host lists the loader handed over: no sync
+        if self.trace:
+            self.trace.write(self.progress.step, keys, epochs)
+        if verdict is not None and verdict.spike and self.guard.policy == "rollback":
+            self._rollback(verdict.loss)
+            return None
+        return None if verdict is not None and verdict.skip else total / accum
+
+    def _judge(self, loss: torch.Tensor) -> Any:
+        """Agree with the other ranks on this step's loss; arm the optimizer to skip the update
+        if it is not finite anywhere or is a spike to roll back."""
+        if self.guard is None:
+            return None
+        step = self.progress.step + 1
+        verdict = self.guard.check(loss, step)
+        if verdict.skip:
+            self.progress.skipped_steps += 1
+        if verdict.spike:
+            log.warning("step %d: loss spike %.4f (policy %s)", step, verdict.loss,
+                        self.guard.policy)
+        self.optimizer.skip_next = verdict.skip or (verdict.spike
+                                                    and self.guard.policy == "rollback")
+        return verdict
+
+    def _rollback(self, loss: float) -> None:
+        """Reload the last checkpoint but keep reading the data from here: the batches since
+        that checkpoint, the spike's among them, are skipped."""
+        step = self.progress.step
+        found = ckpt.find_checkpoint(self.run_dir, "auto")
+        if found is None or ckpt.resume_layout(found, self.world.world_size,
+                                               self.cfg.deepspeed.zero_stage) != "same":
+            log.warning("step %d: no checkpoint of this run's layout to roll back to; the "
+                        "update was skipped", step)
+            return
+        state = ckpt.load_checkpoint(self.engine, found, self.world.rank)
+        counters = {"skipped_steps": self.progress.skipped_steps,
+                    "rollbacks": self.progress.rollbacks + 1}
+        self.progress = Progress(**{**state["progress"], **counters})
+        log.warning("step %d: rolled back to %s after a loss spike (%.4f); the data since is "
+                    "skipped", step, found.name, loss)
 
     def forward_backward_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self.faults.poison(self._loss(batch), self.progress.step + 1, self.world.rank)
         self.engine.backward(loss)
         return loss
 
@@ -239,17 +309,28 @@ class Trainer:
                "lr": self.engine.get_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens_seen": self.progress.tokens_seen,
+               "skipped_steps": self.progress.skipped_steps,
                **self.throughput.report(),
-               "mem_gb": memory_gb(self.device)}
+               "mem_gb": memory_gb(self.device), **self._data_metrics()}
         if not math.isfinite(loss):
             log.warning("step %d: non-finite loss %s", self.progress.step, loss)
         if self.sinks:
             self.sinks.log(row)
 
+    def _data_metrics(self) -> dict[str, float]:
+        """The stream's counters (skipped samples, tokens per mixture source) over all ranks."""
+        local = self.stream.metrics()
+        if dist.is_initialized():
+            values = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(values)
+            local = dict(zip(local, values.tolist(), strict=True))
+        return {k: int(v) for k, v in local.items()}
+
     def save(self) -> Path:
         rank_state = {"progress": vars(self.progress).copy(), "stream": self.stream.state_dict(),
                       "rng": ckpt.rng_state(),
-                      "wandb_run_id": self.sinks.wandb_run_id if self.sinks else None}
+                      "wandb_run_id": self.sinks.wandb_run_id if self.sinks else None,
+                      "weights_checksum": self._weights_checksum()}
         meta = {"step": self.progress.step, "model": {"family": self.cfg.model.family,
                                                        **vars(self.model_cfg)},
                 "world_size": self.world.world_size,
@@ -258,9 +339,25 @@ class Trainer:
         start = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.progress.step,
                                     self.world.rank, rank_state, meta,
-                                    self.tokenizer.path, self.cfg.trainer.keep_last)
+                                    self.tokenizer.path, self.cfg.trainer.keep_last,
+                                    publish_delay_s=self.faults.save_delay_s)
         log.info("saved %s in %.1fs", path, time.perf_counter() - start)
         return path
+
+    @torch.no_grad()
+    def _weights_checksum(self) -> float:
+        """Σ|w| over the full weights as this rank sees them (ZeRO 3 gathers them: a collective).
+
+        Ranks must agree; a checkpoint and the run that resumes from it must agree too, whatever
+        the world size or ZeRO stage — the check on a resume that re-splits the state."""
+        params = list(self.engine.module.parameters())
+        gather = contextlib.nullcontext()
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params)
+        with gather:
+            return float(sum(p.double().abs().sum() for p in params))
 
     def _stop_on_signal(self, already_saved: bool) -> None:
         path = self.run_dir / "checkpoints" / f"step_{self.progress.step}"
@@ -286,5 +383,7 @@ class Trainer:
 
     def close(self) -> None:
         self.signals.restore()
+        if self.trace:
+            self.trace.close()
         if self.sinks:
             self.sinks.close()

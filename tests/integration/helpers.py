@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,16 +32,22 @@ def env_for_tests(tmp_cache: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 600,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def module_command(module: str, args: list[str], nproc: int = 1) -> list[str]:
     """``python -m megatrain.<module> args``, under torchrun when ``nproc`` > 1."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", f"megatrain.{module}", *args]
-    else:
-        cmd = [sys.executable, "-m", f"megatrain.{module}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env or env_for_tests(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={_free_port()}", "-m", f"megatrain.{module}", *args]
+    return [sys.executable, "-m", f"megatrain.{module}", *args]
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 600,
+               env: dict[str, str] | None = None,
+               preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``module_command(...)`` to completion; ``preexec_fn`` runs in the child first (e.g.
+    to set resource limits)."""
+    return subprocess.run(module_command(module, args, nproc), cwd=REPO,
+                          env=env or env_for_tests(), capture_output=True, text=True,
+                          timeout=timeout, check=False, preexec_fn=preexec_fn)
 
 
 def train(run_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1,

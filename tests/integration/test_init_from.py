@@ -37,7 +37,7 @@ def test_init_from_checkpoint_and_hf_start_where_the_model_stood(
 
 def test_init_from_another_family_is_refused(tmp_path: Path, prepared_dir: Path) -> None:
     base = tmp_path / "base"
-    train(base, prepared_dir, "trainer.max_steps=2", *STEPS)
+    train(base, prepared_dir, "trainer.max_steps=2", "schedule.warmup_steps=1", *STEPS)
     result = train(tmp_path / "llama", prepared_dir, "model=llama-tiny",
                    f"model.init_from={base}", "trainer.max_steps=1", check=False)
     assert result.returncode == 2

@@ -1,27 +1,43 @@
-"""The README's quickstart, end to end: prepare the embedded corpus, train, evaluate, sample."""
+"""The quickstarts, end to end: prepare the embedded corpus, train, evaluate, sample; BERT and
+T5 also export to Hugging Face and load in transformers with the same logits."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.integration.helpers import env_for_tests, metrics, run_module
+from megatrain.generate import load_model
+from tests.integration.helpers import env_for_tests, losses, metrics, run_module
 
 pytestmark = pytest.mark.integration
 
 
-def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path) -> None:
-    run_dir = tmp_path / "quickstart"
-    env = env_for_tests(tmp_cache=tmp_path / "cache")
-    env.pop("OMP_NUM_THREADS")  # as a user runs it: all cores
-    result = run_module("train", ["experiment=quickstart", f"run.dir={run_dir}",
-                                  "logger.wandb.mode=offline", "logger.progress=false"],
-                        env=env, timeout=1800)
-    assert result.returncode == 0, result.stderr[-5000:]
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module: the first quickstart prepares the stdlib corpus, the rest reuse
+    it (as a user's second experiment would)."""
+    return tmp_path_factory.mktemp("cache")
 
-    manifest = json.loads((tmp_path / "cache" / "stdlib-v4096" / "manifest.json").read_text())
+
+def _quickstart(experiment: str, run_dir: Path, cache: Path,
+                *overrides: str) -> subprocess.CompletedProcess[str]:
+    env = env_for_tests(tmp_cache=cache)
+    env.pop("OMP_NUM_THREADS")  # as a user runs it: all cores
+    result = run_module("train", [f"experiment={experiment}", f"run.dir={run_dir}",
+                                  "logger.wandb.mode=offline", "logger.progress=false",
+                                  *overrides], env=env, timeout=1800)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path, cache: Path) -> None:
+    run_dir = tmp_path / "quickstart"
+    result = _quickstart("quickstart", run_dir, cache)
+    manifest = json.loads(next(cache.glob("stdlib-v4096*/manifest.json")).read_text())
     entropy = manifest["stats"]["unigram_entropy"]
     final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
     # "Far below": at least one nat, i.e. a perplexity under e^-1 of the unigram model's.
@@ -32,3 +48,30 @@ def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path) -> None
     assert len(sample.strip()) > 100
     assert (run_dir / "checkpoints" / "latest").exists()
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
+
+
+@pytest.mark.parametrize("experiment, auto_class", [
+    ("bert_quickstart", "AutoModelForMaskedLM"),
+    ("t5_quickstart", "AutoModelForSeq2SeqLM"),
+])
+def test_bert_and_t5_quickstarts_learn_and_export(tmp_path: Path, cache: Path, experiment: str,
+                                                  auto_class: str) -> None:
+    """A shortened run (CI); the full 600 steps are measured in docs/benchmarks.md."""
+    transformers = pytest.importorskip("transformers")
+    run_dir = tmp_path / "run"
+    _quickstart(experiment, run_dir, cache, "trainer.max_steps=150", "trainer.eval_every=150",
+                "trainer.save_every=150", "trainer.log_every=10", "trainer.sample_tokens=20")
+    first = losses(run_dir)[10]
+    final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
+    assert final_eval < first - 1.5, (first, final_eval)
+
+    export = run_module("export", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "hf")])
+    assert export.returncode == 0, export.stderr[-3000:]
+    hf = getattr(transformers, auto_class).from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load_model(run_dir, torch.device("cpu"))
+    ids = torch.randint(5, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if experiment == "t5_quickstart":
+        inputs["decoder_input_ids"] = ids[:, :8]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).logits, ours(**inputs), atol=1e-4, rtol=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,6 @@ def test_resume_continues_bit_identically(tmp_path: Path, prepared_dir: Path) ->
     assert sorted(resumed) == list(range(1, 41))  # no step logged twice after the resume
     assert [resumed[s] for s in range(21, 41)] == [reference[s] for s in range(21, 41)]
     assert reference[40] < reference[1]
-
-
-def test_zero_stages_agree_on_two_ranks(tmp_path: Path, prepared_dir: Path) -> None:
-    """torchrun, 2 processes: ZeRO 0 and ZeRO 2 log the same fp32 losses over 20 steps."""
-    runs = {}
-    for stage in (0, 2):
-        run_dir = tmp_path / f"zero{stage}"
-        train(run_dir, prepared_dir, "trainer.max_steps=20", "trainer.log_every=1",
-              "trainer.eval_every=20", "trainer.save_every=20", f"deepspeed.zero_stage={stage}",
-              nproc=2)
-        runs[stage] = losses(run_dir)
-    assert sorted(runs[0]) == list(range(1, 21))
-    for step, loss in runs[0].items():
-        assert math.isclose(runs[2][step], loss, rel_tol=1e-5), (step, loss, runs[2][step])
 
 
 def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path: Path, prepared_dir: Path) -> None:

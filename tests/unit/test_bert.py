@@ -27,6 +27,7 @@ from megatrain.models.hf.bert import (
     state_dict_to_hf,
 )
 from megatrain.training.parallelize import parallelize
+from tests.unit.checkpoints import write_stage0_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -377,25 +378,14 @@ def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tokenizer([CORPUS], tmp_path_factory.mktemp("tok") / "tokenizer.model", VOCAB)
 
 
-def _save_checkpoint(run: Path, model: Bert, tokenizer: Path) -> None:
-    """What the trainer writes at ZeRO stage 0 (as tests/unit/test_export.py builds it)."""
-    ckpt = run / "checkpoints" / "step_3"
-    ckpt.mkdir(parents=True)
-    meta = {"model": {"family": "bert", **dataclasses.asdict(model.config)}, "zero_stage": 0,
-            "world_size": 1, "step": 3}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    torch.save({"module": model.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
-    (ckpt / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-    (run / "checkpoints" / "latest").write_text("step_3")
-
-
 def test_export_loads_in_transformers_with_the_same_logits(tokenizer_path: Path,
                                                           tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Bert(BertConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=VOCAB,
                             max_seq_len=64))
     _randomize(model, seed=8)
-    _save_checkpoint(tmp_path / "run", model, tokenizer_path)
+    write_stage0_checkpoint(tmp_path / "run" / "checkpoints" / "step_3", "bert", model,
+                            tokenizer_path)
     out = tmp_path / "hf"
     assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
 
@@ -427,7 +417,8 @@ def test_export_of_pre_ln_is_a_one_line_config_error(
 ) -> None:
     model = Bert(BertConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, vocab_size=VOCAB,
                             max_seq_len=16, norm_position="pre"))
-    _save_checkpoint(tmp_path / "run", model, tokenizer_path)
+    write_stage0_checkpoint(tmp_path / "run" / "checkpoints" / "step_3", "bert", model,
+                            tokenizer_path)
     assert export_main(["--checkpoint", str(tmp_path / "run"), "--out",
                         str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err

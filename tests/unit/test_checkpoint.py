@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from megatrain.errors import ConfigError
-from megatrain.training.checkpoint import _prune, find_checkpoint, resolve_checkpoint_path
+from megatrain.training.checkpoint import (
+    CheckpointError,
+    _prune,
+    find_checkpoint,
+    resolve_checkpoint_path,
+    verify_checkpoint,
+    write_manifest,
+)
 
 
 def _fake_checkpoints(root: Path, steps: list[int]) -> None:
@@ -16,6 +23,8 @@ def _fake_checkpoints(root: Path, steps: list[int]) -> None:
     for step in steps:
         (root / f"step_{step}").mkdir()
         (root / f"step_{step}" / "meta.json").write_text(json.dumps({"step": step}))
+        (root / f"step_{step}" / "weights.pt").write_bytes(bytes(range(256)) * 4)
+        write_manifest(root / f"step_{step}")
 
 
 def test_prune_keeps_the_newest_and_drops_partial_saves(tmp_path: Path) -> None:
@@ -42,3 +51,41 @@ def test_find_checkpoint_follows_latest(tmp_path: Path) -> None:
 def test_a_folder_that_is_no_checkpoint_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=str(tmp_path)):
         resolve_checkpoint_path(tmp_path)
+
+
+def _flip_byte(path: Path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: _flip_byte(c / "weights.pt"), "weights.pt does not match its sha256"),
+    (lambda c: (c / "weights.pt").write_bytes(b"short"), "weights.pt has 5 bytes"),
+    (lambda c: (c / "meta.json").unlink(), "meta.json is missing"),
+    (lambda c: (c / "MANIFEST.json").unlink(), "MANIFEST.json is missing"),
+])
+def test_verify_names_what_is_wrong(tmp_path: Path, damage, problem: str) -> None:
+    _fake_checkpoints(tmp_path / "c", [1])
+    ckpt = tmp_path / "c" / "step_1"
+    assert verify_checkpoint(ckpt) is None
+    damage(ckpt)
+    assert problem in verify_checkpoint(ckpt)
+
+
+def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    _fake_checkpoints(run / "checkpoints", [5, 10, 15])
+    (run / "checkpoints" / "latest").write_text("step_15")
+    _flip_byte(run / "checkpoints" / "step_15" / "weights.pt")
+    (run / "checkpoints" / "step_10" / "meta.json").unlink()
+    with caplog.at_level("WARNING", logger="megatrain"):
+        assert find_checkpoint(run, "auto") == run / "checkpoints" / "step_5"
+    assert "step_15 is not usable (weights.pt does not match its sha256)" in caplog.text
+    assert "step_10 is not usable (meta.json is missing)" in caplog.text
+    with pytest.raises(CheckpointError, match="step_15 is corrupt: weights.pt does not match"):
+        find_checkpoint(run, str(run / "checkpoints" / "step_15"))
+    _flip_byte(run / "checkpoints" / "step_5" / "weights.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies"):
+        find_checkpoint(run, "auto")

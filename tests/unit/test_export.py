@@ -3,7 +3,6 @@ same logits and tokens; ``load_hf_pretrained`` reads it back to the same weights
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from megatrain.data.tokenizer import Tokenizer, train_tokenizer
 from megatrain.export import main
 from megatrain.models import GPT, GPTConfig, Llama, LlamaConfig
 from megatrain.models.hf import load_hf_pretrained
+from tests.unit.checkpoints import write_stage0_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,24 +44,14 @@ def _randomize(model: torch.nn.Module) -> None:
         p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "ln_" in name and "weight" in name else 0.0))
 
 
-def _save_checkpoint(ckpt: Path, family: str, model: torch.nn.Module, tokenizer: Path) -> None:
-    """What the trainer writes at ZeRO stage 0, minus optimizer and per-rank state."""
-    ckpt.mkdir(parents=True)
-    meta = {"model": {"family": family, **dataclasses.asdict(model.config)}, "zero_stage": 0,
-            "world_size": 1, "step": 7}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    torch.save({"module": model.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
-    (ckpt / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama-tied"])
 def test_export_loads_in_transformers_with_the_same_logits(
     name: str, tokenizer_path: Path, tmp_path: Path
 ) -> None:
     family, model = _models()[name]
     _randomize(model)
-    _save_checkpoint(tmp_path / "run" / "checkpoints" / "step_7", family, model, tokenizer_path)
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_7")
+    write_stage0_checkpoint(tmp_path / "run" / "checkpoints" / "step_7", family, model,
+                            tokenizer_path)
     out = tmp_path / "hf"
     assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
 
@@ -81,7 +71,7 @@ def test_export_loads_in_transformers_with_the_same_logits(
 
 def test_exported_tokenizer_gives_megatrain_ids(tokenizer_path: Path, tmp_path: Path) -> None:
     family, model = _models()["llama"]
-    _save_checkpoint(tmp_path / "ckpt", family, model, tokenizer_path)
+    write_stage0_checkpoint(tmp_path / "ckpt", family, model, tokenizer_path)
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
     ours = Tokenizer.load(tokenizer_path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

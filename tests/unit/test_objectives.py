@@ -128,7 +128,7 @@ def test_stream_resumes_random_objectives_exactly(prepared: Manifest, name: str)
     tokenizer = SimpleNamespace(**{**vars(TOKENIZER), "eos_id": prepared.eos_id})
     objective = build_objective(name, 32, tokenizer)
 
-    def stream():  # noqa: ANN202
+    def stream():
         return build_train_stream(prepared, seq_len=32, micro_batch_size=2, seed=7, rank=0,
                                   world_size=1, num_workers=0, objective=objective)
 

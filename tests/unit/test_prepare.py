@@ -16,7 +16,7 @@ from megatrain.data.manifest import Manifest, sha256_file
 from megatrain.data.prepare import ensure_prepared, prepare, unigram_entropy
 from megatrain.data.sources import chunk_text, iter_documents, resolve_files
 from megatrain.data.tokenizer import Tokenizer
-from megatrain.errors import DataError
+from megatrain.errors import ConfigError, DataError
 from megatrain.prepare import main
 
 
@@ -222,3 +222,175 @@ def test_ensure_prepared_prepares_once_under_concurrency(
     (folder / "train-000000.tar").unlink()  # an incomplete cache is prepared again
     ensure_prepared(str(src), cache, 512, workers=1, progress=False)
     Manifest.load(folder).check_files()
+
+
+# --- shard bytes, cleaning, resume, verify -----------------------------------------------------
+
+
+def test_tar_members_have_fixed_metadata(prepared: Manifest) -> None:
+    import tarfile
+
+    with tarfile.open(prepared.splits["train"][0].path) as tar:
+        members = tar.getmembers()
+    assert members and all(
+        (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
+        for m in members
+    )
+    assert [m.name.split(".", 1)[1] for m in members[:2]] == ["json", "tokens.npy"]
+    assert all(s.nbytes == s.path.stat().st_size for s in prepared.splits["train"])
+
+
+def test_shard_bytes_rolls_over_by_size(
+    tmp_path: Path, corpus_dir: Path, tokenizer_model: Path
+) -> None:
+    manifest = prepare(str(corpus_dir), tmp_path / "o", tokenizer=str(tokenizer_model),
+                       shard_bytes=60_000, workers=1, progress=False)
+    sizes = [s.nbytes for s in manifest.splits["train"]]
+    assert len(sizes) >= 5
+    # a shard closes at the first sample that takes it to 60 KB: at most one ~4 KB doc past it
+    assert all(60_000 <= n < 60_000 + 30_000 for n in sizes[:-1])
+    assert manifest.options["shard_bytes"] == 60_000
+    with pytest.raises(ConfigError, match="not both"):
+        prepare(str(corpus_dir), tmp_path / "x", shard_bytes=1, shard_tokens=1, progress=False)
+
+
+CLEAN_DOCS = [
+    "caf\u00e9 au lait, twice\n",  # NFC
+    "cafe\u0301 au lait, twice\n",  # NFD: the same text once normalized -> a duplicate
+    "ﬁne ligature and ＦＵＬＬ width\n",  # NFKC: "fine ligature and FULL width"
+    "short\n",
+    "     tiny     \n",  # 4 characters once trimmed
+    "a long enough document\n",
+    "a long enough document\n",  # exact duplicate
+]
+
+
+def test_cleaning_normalizes_filters_and_counts(
+    tmp_path: Path, tokenizer_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in CLEAN_DOCS), encoding="utf-8")
+    argv = ["--source", str(src), "--out", str(tmp_path / "o"), "--tokenizer",
+            str(tokenizer_model), "--normalize", "NFKC", "--min-chars", "10", "--dedup",
+            "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "read 7 documents; dropped 2 short, 2 duplicate" in captured.err
+    assert "read 7 docs, dropped 2 short, 2 duplicate" in captured.out
+    manifest = Manifest.load(tmp_path / "o")
+    stats = manifest.stats
+    assert (stats["documents_read"], stats["dropped_short"], stats["dropped_duplicate"]) == (7, 2, 2)
+    assert stats["documents"] == 3
+    assert manifest.options["clean"] == {"normalize": "NFKC", "min_chars": 10, "dedup": True}
+    tok = Tokenizer.load(manifest.tokenizer_path)
+    texts = {tok.decode(s["tokens"].tolist())
+             for split in ("train", "eval") for s in read_split(manifest, split).values()}
+    assert texts == {"caf\u00e9 au lait, twice\n", "fine ligature and FULL width\n",
+                     "a long enough document\n"}
+
+
+def test_without_cleaning_nothing_is_dropped(prepared: Manifest) -> None:
+    stats = prepared.stats
+    assert stats["dropped_short"] == stats["dropped_duplicate"] == stats["dropped_empty"] == 0
+    assert stats["documents_read"] == stats["documents"]
+
+
+def _mtimes(manifest: Manifest) -> dict[str, int]:
+    return {s.name: s.path.stat().st_mtime_ns for v in manifest.splits.values() for s in v}
+
+
+def test_rerun_keeps_intact_shards_and_rewrites_damaged_ones(
+    prepared: Manifest, corpus_dir: Path, tokenizer_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    kwargs = {"tokenizer": str(tokenizer_model), "eval_fraction": 0.05, "shard_tokens": 20_000,
+                  "progress": False}
+    first = prepare(str(corpus_dir), out, workers=2, **kwargs)
+    before = _mtimes(first)
+    damaged = first.splits["train"][2].path
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    (out / "train-000099.tar").write_bytes(b"stale")  # not listed anywhere: removed
+    again = prepare(str(corpus_dir), out, workers=1, **kwargs)
+    assert hashes(again) == hashes(prepared)
+    assert again.stats == prepared.stats
+    after = _mtimes(again)
+    kept = [n for n in before if after[n] == before[n]]
+    evals = {s.name for s in first.splits["eval"]}
+    assert set(kept) == {"train-000000.tar", "train-000001.tar"} | evals  # the intact prefixes
+    assert not (out / "train-000099.tar").exists()
+    other = prepare(str(corpus_dir), out, workers=1, **(kwargs | {"eval_fraction": 0.2}))
+    assert hashes(other) != hashes(prepared)  # other options: started over, nothing reused
+
+
+def test_verify_reports_each_bad_shard(
+    prepared: Manifest, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(prepared.root, folder)
+    assert main(["--verify", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nok ") + out.startswith("ok ") == 1 + sum(map(len, prepared.splits.values()))
+    shards = prepared.splits["train"]
+    flipped = folder / shards[1].name
+    data = bytearray(flipped.read_bytes())
+    data[2000] ^= 0x01  # one bit of a token id of the first sample (its ids start at 1664)
+    flipped.write_bytes(bytes(data))
+    (folder / shards[3].name).unlink()
+    with open(folder / shards[4].name, "r+b") as f:
+        f.truncate(shards[4].nbytes // 2)
+    assert main(["--verify", str(folder)]) == 2
+    captured = capsys.readouterr()
+    bad = [line for line in captured.out.splitlines() if line.startswith("BAD")]
+    assert [line.split()[2] for line in bad] == [shards[i].name for i in (1, 3, 4)]
+    assert "sha256 differs" in bad[0] and "missing" in bad[1] and "size" in bad[2]
+    assert captured.err.startswith("error: ") and shards[3].name in captured.err
+
+
+def test_prepare_trains_a_char_model_that_round_trips(tmp_path: Path, corpus_dir: Path) -> None:
+    manifest = prepare(str(corpus_dir), tmp_path / "o", vocab_size=512, tokenizer_type="char",
+                       tokenizer_sample=2_000, workers=1, progress=False)
+    assert manifest.options["tokenizer_type"] == "char"
+    assert manifest.options["tokenizer_sample"] == 2_000
+    tok = Tokenizer.load(manifest.tokenizer_path)
+    docs = {d.key: d.text for d in iter_documents(str(corpus_dir))}
+    samples = read_split(manifest, "train") | read_split(manifest, "eval")
+    assert len(samples) == len(docs)
+    for key, sample in samples.items():
+        assert tok.decode(sample["tokens"].tolist()) == docs[key]
+        assert len(sample["tokens"]) >= len(docs[key])  # one token per character at least
+
+
+def test_prepare_with_a_tokenizer_json_gives_the_same_tokens(
+    prepared: Manifest, corpus_dir: Path, tokenizer_model: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("transformers")
+    from megatrain.data.hf_tokenizer import HFTokenizer
+    from megatrain.models.hf.tokenizer import save_hf_tokenizer
+
+    (tmp_path / "hf").mkdir()
+    save_hf_tokenizer(tokenizer_model, tmp_path / "hf")
+    manifest = prepare(str(corpus_dir), tmp_path / "o",
+                       tokenizer=str(tmp_path / "hf" / "tokenizer.json"), eval_fraction=0.05,
+                       shard_tokens=20_000, workers=2, progress=False)
+    assert manifest.tokenizer_path.name == "tokenizer.json"
+    assert (tmp_path / "o" / "tokenizer_config.json").is_file()
+    assert isinstance(Tokenizer.load(manifest.tokenizer_path), HFTokenizer)
+    assert manifest.eos_id == prepared.eos_id
+    ours, theirs = read_split(prepared, "train"), read_split(manifest, "train")
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k]["tokens"], theirs[k]["tokens"]) for k in ours)
+
+
+def test_the_output_folders_own_tokenizer_can_be_given(
+    tmp_path: Path, corpus_dir: Path, tokenizer_model: Path
+) -> None:
+    out = tmp_path / "o"
+    first = prepare(str(corpus_dir), out, tokenizer=str(tokenizer_model), progress=False)
+    again = prepare(str(corpus_dir), out, tokenizer=str(out / "tokenizer.model"), eval_fraction=0.1,
+                    progress=False)  # other options: a fresh start that must keep the tokenizer
+    assert again.tokenizer["sha256"] == first.tokenizer["sha256"]
+    assert again.stats["eval_documents"] > first.stats["eval_documents"]

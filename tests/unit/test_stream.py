@@ -13,14 +13,12 @@ import torch
 import webdataset as wds
 
 from megatrain.data.manifest import Manifest
-from megatrain.data.stream import (
-    Packer,
-    TrainStream,
-    build_train_stream,
-    iter_eval_batches,
-    reader_slice,
-)
+from megatrain.data.mixture import Source
+from megatrain.data.packing import Packer
+from megatrain.data.reader import DocProducer, EpochOrder, fresh_reader_state
+from megatrain.data.stream import TrainStream, build_train_stream, iter_eval_batches
 from megatrain.errors import DataError
+from tests.unit.stream_corpus import EOS, make_corpus
 
 SEQ, ROWS = 32, 4
 
@@ -102,9 +100,10 @@ def test_resume_continues_exactly(
     take(first, consumed)
     state = first.state_dict()
     assert state["consumed"] == consumed and len(state["readers"]) == max(1, num_workers)
-    assert all(r["offset"] > 0 for r in state["readers"])  # mid-document positions
+    pieces = [r["sources"][0]["todo"][0] for r in state["readers"]]  # [epoch, g, end, offset]
+    assert all(p[3] > 0 for p in pieces)  # mid-document positions
     if consumed >= 60:
-        assert min(r["epoch"] for r in state["readers"]) == 1
+        assert min(p[0] for p in pieces) == 1
     resumed = stream(prepared, **settings)
     resumed.load_state_dict(state)
     for expected, got in zip(uninterrupted[consumed:], take(resumed, 6), strict=True):
@@ -124,8 +123,8 @@ def test_every_epoch_has_its_own_permutation(prepared: Manifest) -> None:
     counts = [s.samples for s in prepared.shards("train")]
 
     def order(epoch: int) -> np.ndarray:
-        segments = reader_slice(counts, seed=3, epoch=epoch, shuffle=True, reader=0, num_readers=1)
-        return np.concatenate([indices + 1000 * shard for shard, indices in segments])
+        o = EpochOrder(counts, seed=3, source=0, epoch=epoch, shuffle=True)
+        return np.array([shard * 1000 + i for shard, i in map(o.locate, range(sum(counts)))])
 
     assert sorted(order(0)) == sorted(order(1)) and len(order(0)) == sum(counts)
     assert not np.array_equal(order(0), order(1))
@@ -151,31 +150,41 @@ def test_labels_are_inputs_shifted_by_one_across_rows_and_batches(prepared: Mani
     assert any(prepared.eos_id in b["labels"] for b in batches)
 
 
-def test_packer_keeps_half_consumed_documents_in_its_state() -> None:
-    docs = [(0, i, np.array([10 * i + 1] * (i + 3) + [2], dtype=np.uint16)) for i in range(5)]
-    stream_tokens = np.concatenate([d[2] for d in docs])  # docs of 4, 5, 6, 7, 8 tokens
-    packer = Packer(iter(docs), seq_len=3, rows=2)
-    windows = []
-    for window in packer:
-        windows.append(window)
+def test_packer_keeps_half_consumed_documents_in_its_state(tmp_path) -> None:
+    lengths = [3, 4, 5, 6, 7]  # documents of 4, 5, 6, 7, 8 tokens with their EOS
+    corpus = make_corpus(tmp_path, lengths, shards=1)
+    source = (Source("s", tuple(corpus.shards("train")), epochs=1),)
+
+    def packer(state: dict) -> Packer:
+        producer = DocProducer(source, state, seed=0, shuffle=False, reader=0, num_readers=1)
+        return Packer(producer, row_tokens=3, rows=2, overlap=1, eos_id=EOS)
+
+    first = packer(fresh_reader_state(1))
+    windows, consumed = [], []
+    for window in first.windows():
+        windows.append(window.tokens)
+        consumed.append([d.key for d in window.consumed])
         if len(windows) == 2:
-            state = packer.state()
-    assert state == {"epoch": 0, "pos": 2, "offset": 3}  # 12 tokens in: 4 + 5 + 3 of doc 2
+            state = first.state()
+    # 12 tokens in: 4 + 5 + 3 of document 2
+    assert state["sources"][0]["todo"] == [[0, 2, 5, 3]]
     assert [len(w) for w in windows] == [7, 7, 7, 7, 4]  # the end: the one complete row left
+    stream_tokens = np.concatenate([np.append(np.full(n, 10 + k), EOS)
+                                    for k, n in enumerate(lengths)])
     joined = np.concatenate([windows[0]] + [w[1:] for w in windows[1:]])
     assert np.array_equal(joined, stream_tokens[: len(joined)]) and len(joined) == 28
-    resumed = Packer(iter(docs[2:]), seq_len=3, rows=2, offset=3)
+    assert consumed == [["d-0"], ["d-1"], ["d-2"], ["d-3"], []]  # d-4's EOS: past the last row
+    resumed = [w.tokens for w in packer(state).windows()]
     assert all(np.array_equal(a, b) for a, b in zip(resumed, windows[2:], strict=True))
 
 
 def test_mismatched_settings_on_resume_raise_a_clear_error(prepared: Manifest) -> None:
     s = stream(prepared, world_size=2, num_workers=2)
     take(s, 2)
-    other = stream(prepared, world_size=4, num_workers=2)
-    with pytest.raises(DataError, match=r"world_size: saved 2, now 4"):
-        other.load_state_dict(s.state_dict())
     with pytest.raises(DataError, match=r"seq_len: saved 32, now 64"):
         stream(prepared, world_size=2, num_workers=2, seq_len=64).load_state_dict(s.state_dict())
+    with pytest.raises(DataError, match=r"seed: saved 7, now 8"):
+        stream(prepared, world_size=2, num_workers=2, seed=8).load_state_dict(s.state_dict())
 
 
 def test_more_readers_than_samples_is_an_error(prepared: Manifest) -> None:
@@ -215,3 +224,10 @@ def test_eval_batches_cover_each_ranks_share_once_and_stop(prepared: Manifest) -
         )
     corpus = corpus_docs(prepared, "eval")
     assert seen <= corpus and sum(corpus.values()) - sum(seen.values()) <= world  # tails < one row
+
+
+def test_eval_on_more_ranks_than_documents_gives_a_rank_nothing(tmp_path) -> None:
+    corpus = make_corpus(tmp_path, [5, 6], shards=1)
+    counts = [len(list(iter_eval_batches(corpus, split="train", seq_len=4, micro_batch_size=1,
+                                         rank=r, world_size=3))) for r in range(3)]
+    assert counts.count(0) == 1 and sum(counts) == 2  # 6 and 7 tokens with EOS: one row each

@@ -32,6 +32,7 @@ from megatrain.models.t5 import (
     t5_flops_per_token,
 )
 from megatrain.training.parallelize import parallelize
+from tests.unit.checkpoints import write_stage0_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.t5.modeling_t5 import T5Attention
@@ -227,23 +228,13 @@ def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tokenizer([corpus], tmp_path_factory.mktemp("tok") / "tokenizer.model", 512)
 
 
-def _save_checkpoint(ckpt: Path, model: T5, tokenizer: Path) -> None:
-    """What the trainer writes at ZeRO stage 0, minus optimizer and per-rank state."""
-    ckpt.mkdir(parents=True)
-    meta = {"model": {"family": "t5", **dataclasses.asdict(model.config)}, "zero_stage": 0,
-            "world_size": 1, "step": 3}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    torch.save({"module": model.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
-    (ckpt / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_loads_in_transformers_with_the_same_logits(tied: bool, tokenizer_path: Path,
                                                            tmp_path: Path) -> None:
     torch.manual_seed(4)
     model = T5(dataclasses.replace(CONFIG, vocab_size=512, tie_embeddings=tied)).eval()
     _randomize_norms(model, seed=4)
-    _save_checkpoint(tmp_path / "ckpt", model, tokenizer_path)
+    write_stage0_checkpoint(tmp_path / "ckpt", "t5", model, tokenizer_path)
     out = tmp_path / "hf"
     assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
 

@@ -101,3 +101,88 @@ def test_control_tokens_are_reserved_and_never_encoded(code_tokenizer: Tokenizer
     assert not set(tok.encode(text)) & set(specials)  # text that spells them stays text
     assert tok.decode(tok.encode(text)) == text
     assert tok.decode([tok.mask_id, *tok.sentinel_ids[:3]]) == ""
+
+
+# --- unigram and char models, Hugging Face tokenizer.json -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stdlib_lines() -> list[str]:
+    return [doc.text for _, doc in zip(range(60), iter_documents("stdlib"))]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "char"])
+def test_unigram_and_char_models_round_trip_and_keep_the_control_tokens(
+    stdlib_lines: list[str], tmp_path: Path, model_type: str
+) -> None:
+    model = train_tokenizer(stdlib_lines, tmp_path / "t.model", 1024, model_type=model_type,
+                            max_sentences=5_000)
+    tok = Tokenizer.load(model)
+    for text in (CODE, "naïve café — 東京 🐍\n\tx  = 1\n", (STDLIB / "textwrap.py").read_text()):
+        assert tok.decode(tok.encode(text)) == text
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert len(tok.sentinel_ids) == 100 and min(tok.cls_id, tok.sep_id, tok.mask_id) > 3
+    pieces = [tok._sp.id_to_piece(i) for i in tok.encode((STDLIB / "textwrap.py").read_text())]
+    multi_char = [p for p in pieces if len(p) > 1 and not p.startswith("<0x")]  # not a byte
+    assert not multi_char if model_type == "char" else max(map(len, multi_char)) > 3
+
+
+def test_unknown_tokenizer_type_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="bpe, unigram, char"):
+        train_tokenizer(["text"], tmp_path / "t.model", 1024, model_type="wordpiece")
+
+
+def test_the_sample_size_bounds_what_the_tokenizer_sees(tmp_path: Path) -> None:
+    lines = [f"word{i} " * 3 for i in range(4000)]
+    small = Tokenizer.load(train_tokenizer(lines, tmp_path / "s.model", 2048, max_sentences=20))
+    large = Tokenizer.load(train_tokenizer(lines, tmp_path / "l.model", 2048, max_sentences=4000))
+    assert small.vocab_size < large.vocab_size == 2048  # 20 lines hold too few merges
+
+
+def test_tokenizer_json_loads_through_the_same_interface(
+    code_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    pytest.importorskip("transformers")
+    from megatrain.data.hf_tokenizer import HFTokenizer
+    from megatrain.models.hf.tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(code_tokenizer.path, tmp_path)
+    hf = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert isinstance(hf, HFTokenizer)
+    ids = ("unk_id", "bos_id", "eos_id", "pad_id", "cls_id", "sep_id", "mask_id", "sentinel_ids",
+           "vocab_size")
+    assert {a: getattr(hf, a) for a in ids} == {a: getattr(code_tokenizer, a) for a in ids}
+    text = (STDLIB / "json" / "decoder.py").read_text()
+    assert hf.encode(text) == code_tokenizer.encode(text)
+    assert hf.encode_batch([text, CODE]) == code_tokenizer.encode_batch([text, CODE])
+    assert hf.decode(hf.encode(CODE)) == CODE
+    assert hf.decode([hf.mask_id, *hf.sentinel_ids[:2]]) == ""
+
+
+def test_a_byte_level_tokenizer_json_under_any_name(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator([CODE] * 20, trainer)
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer.json").rename(tmp_path / "copy.model")  # content decides, not name
+    tok = Tokenizer.load(tmp_path / "copy.model")
+    assert tok.eos_id == tok.bos_id == 0 and tok.unk_id == tok.pad_id == tok.mask_id == -1
+    assert tok.sentinel_ids == [] and tok.vocab_size == bpe.get_vocab_size()
+    for text in (CODE, "naïve café — 東京 🐍"):
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_folder_or_a_bad_tokenizer_json(tmp_path: Path, code_tokenizer: Tokenizer) -> None:
+    with pytest.raises(DataError, match="neither tokenizer.model nor tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(DataError, match="not a Hugging Face tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(code_tokenizer.path.read_bytes())
+    assert Tokenizer.load(tmp_path).path.name == "tokenizer.model"  # preferred when both exist

@@ -1,0 +1,115 @@
+"""A Hugging Face ``tokenizer.json`` behind megatrain's :class:`Tokenizer` interface.
+
+So a corpus can be prepared with the exact tokenizer of an existing model (GPT-2, Llama, T5 …).
+``tokenizer.json`` does not say which token plays which role, so the roles come from a
+``tokenizer_config.json`` beside it when there is one (Hugging Face folders have it), else from
+the usual spellings (``</s>``, ``<|endoftext|>``, ``[SEP]`` …). ``encode`` never adds special
+tokens and ``decode`` skips them, as SentencePiece's control tokens do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatrain.data.tokenizer import Tokenizer
+from megatrain.errors import ConfigError, DataError
+
+CONFIG_FILE = "tokenizer_config.json"
+ROLE_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "unk": ("<unk>", "[UNK]", "<|unk|>"),
+    "bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"),
+    "eos": ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "[SEP]"),
+    "pad": ("<pad>", "[PAD]", "<|pad|>"),
+    "cls": ("[CLS]", "<cls>"),
+    "sep": ("[SEP]", "<sep>"),
+    "mask": ("[MASK]", "<mask>"),
+}
+
+
+class HFTokenizer(Tokenizer):
+    """The ``tokenizers`` library's fast tokenizer with megatrain's ids and methods."""
+
+    def __init__(self, backend: Any, path: Path, roles: dict[str, str]) -> None:
+        # Tokenizer.__init__ reads a SentencePiece processor; this adapter sets the same fields.
+        self._hf = backend
+        self.path = path
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = max(vocab.values()) + 1
+        ids = {role: vocab.get(token, -1) for role, token in roles.items()}
+        self.unk_id: int = ids.get("unk", -1)
+        self.bos_id: int = ids.get("bos", -1)
+        self.eos_id: int = ids.get("eos", -1)
+        self.pad_id: int = ids.get("pad", -1)
+        self.cls_id: int = ids.get("cls", -1)
+        self.sep_id: int = ids.get("sep", -1)
+        self.mask_id: int = ids.get("mask", -1)
+        self.sentinel_ids: list[int] = []
+        while (sid := vocab.get(f"<extra_id_{len(self.sentinel_ids)}>", -1)) >= 0:
+            self.sentinel_ids.append(sid)
+
+    @classmethod
+    def from_file(cls, path: Path) -> HFTokenizer:
+        """Load ``path`` (a ``tokenizer.json``); DataError if it is not one."""
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError as exc:
+            raise ConfigError(
+                f"{path} is a Hugging Face tokenizer; reading it needs the 'tokenizers' package "
+                "(pip install tokenizers)"
+            ) from exc
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+            raise DataError(f"{path} is not a Hugging Face tokenizer.json: {exc}") from exc
+        vocab = backend.get_vocab(with_added_tokens=True)
+        return cls(backend, path, special_roles(vocab, path.parent / CONFIG_FILE))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without special tokens."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
+        """Token ids of each text (``tokenizers`` batches in Rust; ``threads`` is its own)."""
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+        """Token ids of each text as integer arrays."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens left out."""
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def special_roles(vocab: dict[str, int], config_file: Path) -> dict[str, str]:
+    """role → token string: from ``tokenizer_config.json`` where it names one, else the first
+    usual spelling that is in the vocabulary."""
+    configured = _configured_roles(config_file)
+    roles = {}
+    for role, candidates in ROLE_CANDIDATES.items():
+        token = configured.get(role) or next((c for c in candidates if c in vocab), None)
+        if token is not None and token in vocab:
+            roles[role] = token
+    return roles
+
+
+def _configured_roles(config_file: Path) -> dict[str, str]:
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{config_file} is not valid JSON: {exc}") from exc
+    roles = {}
+    for role in ROLE_CANDIDATES:
+        value = config.get(f"{role}_token")
+        if isinstance(value, dict):  # AddedToken serialized as {"content": ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            roles[role] = value
+    return roles

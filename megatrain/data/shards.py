@@ -1,0 +1,192 @@
+"""Writing and reading tokenized tar shards (the WebDataset layout of DESIGN.md).
+
+A shard is a POSIX (ustar) tar; each sample is ``<key>.json`` then ``<key>.tokens.npy``. Every
+member header is fixed (mtime 0, uid/gid 0, no user or group names, mode 0444), so the bytes of a
+shard depend on its samples only: same inputs, seed and tokenizer give byte-identical shards. A
+shard is written to ``<name>.tmp``, hashed while it is written, fsync'ed, then renamed into place:
+a file under a shard's name is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from megatrain.data.manifest import ShardInfo
+from megatrain.errors import DataError
+
+TMP_SUFFIX = ".tmp"
+
+
+class Encoded(NamedTuple):
+    """A tokenized document bound for ``split``."""
+
+    split: str
+    key: str
+    source: str
+    nbytes: int
+    tokens: np.ndarray
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The smallest dtype the shards use for ids below ``vocab_size``."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` in ``.npy`` format (what ``np.load`` reads)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+class ShardTar:
+    """One shard being written: fixed member headers, sha256 and size kept as bytes go out."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + TMP_SUFFIX)
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self._file = self.tmp.open("wb")
+
+    def add(self, name: str, data: bytes) -> None:
+        """Append a member: its ustar header, its bytes, zero padding to a 512-byte block. (The
+        bytes ``tarfile.addfile`` writes, without its per-member copies and Python I/O loop.)"""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        self._write(b"".join((header, data, bytes(-len(data) % tarfile.BLOCKSIZE))))
+
+    def _write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self.size += len(data)
+        self._file.write(data)
+
+    def close(self) -> tuple[str, int]:
+        """Finish the archive, make it durable and move it into place; (sha256, size)."""
+        end = self.size + 2 * tarfile.BLOCKSIZE  # two zero blocks, then pad to a whole record
+        self._write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return self._sha.hexdigest(), self.size
+
+
+@dataclass(frozen=True)
+class ShardLimit:
+    """A shard is closed once it holds ``tokens`` tokens, or ``nbytes`` bytes when that is set."""
+
+    tokens: int | None = None
+    nbytes: int | None = None
+
+    def full(self, tokens: int, nbytes: int) -> bool:
+        if self.nbytes is not None:
+            return nbytes >= self.nbytes
+        return tokens >= (self.tokens or 0)
+
+
+ShardDone = Callable[[str, ShardInfo, int], None]
+"""Called with (split, shard, routed documents it consumed) once a shard is in place."""
+
+
+class ShardWriter:
+    """Writes one split's samples to ``<split>-NNNNNN.tar``, rolling over at the limit.
+
+    It starts after the shards in ``done`` (finished by an earlier, interrupted run).
+    """
+
+    def __init__(
+        self, out: Path, split: str, limit: ShardLimit, done: list[ShardInfo], on_done: ShardDone
+    ) -> None:
+        self.out, self.split, self.limit, self.on_done = out, split, limit, on_done
+        self.shards = list(done)
+        self._tar: ShardTar | None = None
+        self._samples = self._tokens = self._inputs = 0
+
+    def skip(self) -> None:
+        """Count a routed document that has no tokens (it is not written)."""
+        self._inputs += 1
+
+    def write(self, doc: Encoded) -> None:
+        if self._tar is None:
+            self._tar = ShardTar(self.out / shard_name(self.split, len(self.shards)))
+        meta = json.dumps({"source": doc.source, "bytes": doc.nbytes}, sort_keys=True)
+        self._tar.add(f"{doc.key}.json", meta.encode())
+        self._tar.add(f"{doc.key}.tokens.npy", npy_bytes(doc.tokens))
+        self._samples += 1
+        self._inputs += 1
+        self._tokens += len(doc.tokens)
+        if self.limit.full(self._tokens, self._tar.size):
+            self._close_shard()
+
+    def close(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.shards
+
+    def _close_shard(self) -> None:
+        sha, size = self._tar.close()
+        path = self._tar.path
+        info = ShardInfo(path.name, path, self._samples, self._tokens, sha, size)
+        self.shards.append(info)
+        self.on_done(self.split, info, self._inputs)
+        self._tar = None
+        self._samples = self._tokens = self._inputs = 0
+
+
+def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` of each sample of a shard, streaming; DataError if the tar
+    is unreadable."""
+    key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name_key, _, ext = member.name.partition(".")
+                if name_key != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = name_key
+                members[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path.name}: unreadable tar ({exc})") from exc
+    if key is not None:
+        yield key, members
+
+
+def load_tokens(data: bytes, where: str) -> np.ndarray:
+    """A sample's token array; DataError naming ``where`` if it is not a 1-d unsigned array."""
+    try:
+        tokens = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{where}: unreadable tokens.npy ({exc})") from exc
+    if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32):
+        raise DataError(f"{where}: tokens are {tokens.dtype}{list(tokens.shape)}, expected 1-d uint")
+    return tokens
+
+
+def shard_token_counts(path: Path, vocab_size: int) -> np.ndarray:
+    """How often each id occurs in a shard (to rebuild statistics on resume)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for key, members in iter_samples(path):
+        tokens = load_tokens(members.get("tokens.npy", b""), f"{path.name}:{key}")
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+    return counts

@@ -1,0 +1,103 @@
+"""``megatrain-prepare --verify DIR``: check a prepared folder against its manifest.
+
+Each shard must exist, have the manifest's size and sha256, and parse as a tar whose samples
+(``<key>.json`` + ``<key>.tokens.npy``, 1-d unsigned ids below the vocabulary size) add up to the
+manifest's sample and token counts. The tokenizer file must match its recorded sha256. The hash
+alone catches any change; the content checks say what is wrong with a shard that fails it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatrain.data.manifest import Manifest, ShardInfo, sha256_file
+from megatrain.data.shards import iter_samples, load_tokens
+from megatrain.errors import DataError
+
+MAX_PROBLEMS = 5
+
+
+@dataclass
+class Check:
+    """The verdict on one file of a prepared folder."""
+
+    name: str
+    kind: str  # "train", "eval" or "tokenizer"
+    problems: list[str] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        """One report line: status, file, what was found (and what is wrong)."""
+        status = "ok " if self.ok else "BAD"
+        found = "" if self.kind == "tokenizer" else f"  {self.samples} samples  {self.tokens:,} tokens"
+        problems = "" if self.ok else "  " + "; ".join(self.problems)
+        return f"{status}  {self.kind:<9} {self.name}{found}{problems}"
+
+
+def verify(root: str | Path) -> list[Check]:
+    """Every shard and the tokenizer of the folder ``root``, checked; DataError if it has no
+    readable manifest."""
+    manifest = Manifest.load(root)
+    checks = [_check_tokenizer(manifest)]
+    for split, shards in manifest.splits.items():
+        checks += [_check_shard(shard, split, manifest.vocab_size) for shard in shards]
+    return checks
+
+
+def _check_tokenizer(manifest: Manifest) -> Check:
+    path = manifest.tokenizer_path
+    check = Check(path.name, "tokenizer")
+    if not path.is_file():
+        check.problems.append("missing")
+    elif "sha256" in manifest.tokenizer and sha256_file(path) != manifest.tokenizer["sha256"]:
+        check.problems.append("sha256 differs from the manifest")
+    return check
+
+
+def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
+    check = Check(shard.name, split)
+    if not shard.path.is_file():
+        check.problems.append("missing")
+        return check
+    size = shard.path.stat().st_size
+    if shard.nbytes is not None and size != shard.nbytes:
+        check.problems.append(f"size {size:,} bytes, manifest says {shard.nbytes:,}")
+    if sha256_file(shard.path) != shard.sha256:
+        check.problems.append("sha256 differs from the manifest")
+    _check_content(shard.path, vocab_size, check)
+    if check.samples != shard.samples:
+        check.problems.append(f"{check.samples} samples, manifest says {shard.samples}")
+    if check.tokens != shard.tokens:
+        check.problems.append(f"{check.tokens:,} tokens, manifest says {shard.tokens:,}")
+    return check
+
+
+def _check_content(path: Path, vocab_size: int, check: Check) -> None:
+    """Count samples and tokens, noting (a few) malformed samples."""
+    try:
+        for key, members in iter_samples(path):
+            check.samples += 1
+            problem = _sample_problem(key, members, vocab_size, check)
+            if problem and len(check.problems) < MAX_PROBLEMS:
+                check.problems.append(problem)
+    except DataError as exc:
+        check.problems.append(str(exc))
+
+
+def _sample_problem(key: str, members: dict[str, bytes], vocab_size: int, check: Check) -> str:
+    if set(members) != {"json", "tokens.npy"}:
+        return f"sample {key} has members {sorted(members)}, expected json + tokens.npy"
+    try:
+        tokens = load_tokens(members["tokens.npy"], f"sample {key}")
+    except DataError as exc:
+        return str(exc)
+    check.tokens += len(tokens)
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        return f"sample {key} has token id {int(tokens.max())} >= vocab size {vocab_size}"
+    return ""

@@ -1,0 +1,92 @@
+"""Numerical faults: non-finite losses skip a step on every rank; loss spikes log or roll back.
+
+Once per optimizer step, before the update, every rank contributes its loss to one all-reduce of
+``[loss sum, non-finite count]`` and reads the result back: the one host–device sync this adds
+per step (``trainer.skip_nonfinite=false`` removes it). A non-finite loss on any rank makes every
+rank skip the update identically (the optimizer step is a no-op; the LR schedule still advances).
+A finite loss whose z-score over the last ``trainer.spike_window`` steps exceeds
+``trainer.spike_zscore`` is a spike: ``spike_policy=log`` warns, ``rollback`` reloads the last
+checkpoint and goes on with the data after the spike (the batches in between are skipped).
+``trainer.max_bad_steps`` bad steps in a row stop the run with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatrain.errors import ConfigError, MegatrainError
+
+log = logging.getLogger("megatrain")
+SPIKE_POLICIES = ("off", "log", "rollback")
+MIN_HISTORY = 10  # steps of history before a z-score means anything
+
+
+class Diverged(MegatrainError):
+    """Too many bad steps in a row: retrying the same run would fail the same way."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with this step's update."""
+
+    loss: float  # the mean loss over ranks (nan when a rank's loss was not finite)
+    skip: bool = False  # a non-finite loss on some rank: skip the update
+    spike: bool = False  # a finite loss far above the recent ones
+
+
+class StepGuard:
+    """Agrees across ranks on each step's loss, and keeps the history spikes are judged on."""
+
+    def __init__(self, trainer_cfg: Any, world_size: int) -> None:
+        if trainer_cfg.spike_policy not in SPIKE_POLICIES:
+            raise ConfigError(f"trainer.spike_policy={trainer_cfg.spike_policy} is not one of "
+                              f"{', '.join(SPIKE_POLICIES)}")
+        self.policy = trainer_cfg.spike_policy
+        self.zscore = trainer_cfg.spike_zscore
+        self.max_bad = trainer_cfg.max_bad_steps
+        self.world_size = world_size
+        self.history: deque[float] = deque(maxlen=trainer_cfg.spike_window)
+        self.bad_in_a_row = 0
+
+    def check(self, loss: torch.Tensor, step: int) -> Verdict:
+        """The verdict on ``loss`` (this rank's mean loss of the step, on the device)."""
+        packed = torch.stack([torch.nan_to_num(loss.detach().float(), nan=0.0, posinf=0.0,
+                                               neginf=0.0),
+                              (~torch.isfinite(loss.detach())).float()])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(packed)
+        loss_sum, nonfinite = packed.tolist()
+        if nonfinite:
+            verdict = Verdict(math.nan, skip=True)
+            log.warning("step %d: non-finite loss on %d rank(s): the update is skipped on all",
+                        step, int(nonfinite))
+        else:
+            verdict = Verdict(loss_sum / self.world_size, spike=self._is_spike(loss_sum
+                                                                                / self.world_size))
+        self._count(verdict, step)
+        return verdict
+
+    def _is_spike(self, loss: float) -> bool:
+        spike = False
+        if self.policy != "off" and len(self.history) >= MIN_HISTORY:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            spike = loss > mean and (loss - mean) > self.zscore * max(std, 1e-6)
+        if not spike:
+            self.history.append(loss)
+        return spike
+
+    def _count(self, verdict: Verdict, step: int) -> None:
+        bad = verdict.skip or (verdict.spike and self.policy == "rollback")
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        if self.bad_in_a_row > self.max_bad:
+            raise Diverged(f"step {step}: {self.bad_in_a_row} bad steps in a row (non-finite "
+                           f"losses or loss spikes; trainer.max_bad_steps={self.max_bad}): lower "
+                           "optim.lr, check the data, or resume from an earlier checkpoint")

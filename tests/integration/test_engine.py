@@ -1,0 +1,81 @@
+"""The DeepSpeed engine at full strength, on real processes (torchrun, gloo, DeepSpeed on CPU)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.helpers import TINY, env_for_tests, losses, metrics, run_module, train
+
+pytestmark = pytest.mark.integration
+
+STEPS = 30
+ZERO = ("trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=1000",
+        "trainer.save_every=1000")
+
+
+@pytest.fixture(scope="module")
+def zero0_losses(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("zero0") / "run"
+    train(run_dir, prepared_dir, *ZERO, "deepspeed=zero0", nproc=2)
+    reference = losses(run_dir)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    return reference
+
+
+@pytest.mark.parametrize("option", ["zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"])
+def test_zero_stages_and_offload_match_stage_0(tmp_path: Path, prepared_dir: Path, option: str,
+                                               zero0_losses: dict[int, float]) -> None:
+    """2 ranks, fp32, 30 steps: every ZeRO stage (and CPU offload) logs stage 0's losses."""
+    train(tmp_path / "run", prepared_dir, *ZERO, f"deepspeed={option}", nproc=2)
+    got = losses(tmp_path / "run")
+    for step, loss in zero0_losses.items():
+        assert math.isclose(got[step], loss, rel_tol=1e-5), (step, loss, got[step])
+    assert zero0_losses[STEPS] < zero0_losses[1] - 0.1  # they trained, not just agreed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.offload_optimizer=true", "offload_optimizer needs ZeRO"),
+    ("deepspeed.offload_param=true", "offload_param needs deepspeed.zero_stage=3"),
+])
+def test_impossible_engine_combinations_are_refused(tmp_path: Path, prepared_dir: Path,
+                                                    override: str, message: str) -> None:
+    result = train(tmp_path / "run", prepared_dir, "trainer.max_steps=1", override, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def _rank_states(ckpt: Path) -> list[dict]:
+    return [torch.load(ckpt / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("option", ["zero0", "zero2"])
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path, prepared_dir: Path,
+                                                      option: str) -> None:
+    run_dir = tmp_path / "run"
+    env = env_for_tests() | {"MEGATRAIN_FAULT_NAN": "5:1"}  # rank 1's loss is NaN at step 5
+    result = run_module("train", [*TINY, f"data.train={prepared_dir}", f"run.dir={run_dir}",
+                                  "trainer.max_steps=12", "trainer.log_every=1",
+                                  "trainer.save_every=12", "trainer.eval_every=1000",
+                                  f"deepspeed={option}"], nproc=2, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 5: non-finite loss on 1 rank(s)" in result.stderr
+    logged = losses(run_dir)
+    assert sorted(logged) == [s for s in range(1, 13) if s != 5]  # the skipped step has no loss
+    assert all(math.isfinite(v) for v in logged.values()) and logged[12] < logged[1]
+    rows = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+    assert rows[4]["skipped_steps"] == 0 and rows[6]["skipped_steps"] == 1
+    states = _rank_states(run_dir / "checkpoints" / "step_12")
+    assert states[0]["progress"]["skipped_steps"] == states[1]["progress"]["skipped_steps"] == 1
+    assert states[0]["weights_checksum"] == states[1]["weights_checksum"]  # replicas agree
+
+
+def test_nan_every_step_stops_with_a_clear_error(tmp_path: Path, prepared_dir: Path) -> None:
+    env = env_for_tests() | {"MEGATRAIN_FAULT_NAN": "3:0"}
+    result = run_module("train", [*TINY, f"data.train={prepared_dir}",
+                                  f"run.dir={tmp_path / 'run'}", "trainer.max_steps=12",
+                                  "trainer.max_bad_steps=0"], env=env)
+    assert result.returncode == 1
+    assert "step 3: 1 bad steps in a row" in result.stderr, result.stderr[-2000:]
