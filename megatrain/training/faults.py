@@ -61,30 +61,36 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-@dataclass(frozen=True)
+@dataclass
 class FaultInjection:
     """Faults the fault-injection tests switch on through the environment; never set otherwise.
 
     ``MEGATRAIN_FAULT_NAN=STEP:RANK`` makes that rank's loss NaN at that step;
-    ``MEGATRAIN_FAULT_SAVE_DELAY=SECONDS`` holds every save that long between writing and
-    publishing, so a test's SIGKILL can land mid-save.
+    ``MEGATRAIN_FAULT_SPIKE=STEP`` multiplies every rank's loss by 20 the first time that step
+    runs (a finite spike that a rollback leaves behind, as skipping bad data would); ``MEGATRAIN_FAULT_SAVE_DELAY=SECONDS`` holds every save that long between writing
+    and publishing, so a test's SIGKILL can land mid-save.
     """
 
     nan_step: int | None = None
     nan_rank: int | None = None
     save_delay_s: float = 0.0
+    spike_step: int | None = None
 
     @classmethod
     def from_env(cls) -> FaultInjection:
         nan = os.environ.get("MEGATRAIN_FAULT_NAN")
         step, rank = (int(x) for x in nan.split(":")) if nan else (None, None)
         delay = float(os.environ.get("MEGATRAIN_FAULT_SAVE_DELAY", "0"))
-        if nan or delay:
-            log.warning("fault injection is on: nan=%s save_delay=%ss", nan, delay)
-        return cls(step, rank, delay)
+        spike = os.environ.get("MEGATRAIN_FAULT_SPIKE")
+        if nan or delay or spike:
+            log.warning("fault injection is on: nan=%s spike=%s save_delay=%ss", nan, spike, delay)
+        return cls(step, rank, delay, int(spike) if spike else None)
 
     def poison(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-        """``loss``, made NaN where the test asked for it."""
+        """``loss``, made NaN or spiked where the test asked for it."""
         if step == self.nan_step and rank == self.nan_rank:
             return loss * float("nan")
+        if step == self.spike_step:
+            self.spike_step = None
+            return loss * 20.0
         return loss

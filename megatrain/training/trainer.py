@@ -310,6 +310,7 @@ class Trainer:
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens_seen": self.progress.tokens_seen,
                "skipped_steps": self.progress.skipped_steps,
+               "rollbacks": self.progress.rollbacks,
                **self.throughput.report(),
                "mem_gb": memory_gb(self.device), **self._data_metrics()}
         if not math.isfinite(loss):

@@ -79,3 +79,24 @@ def test_nan_every_step_stops_with_a_clear_error(tmp_path: Path, prepared_dir: P
                                   "trainer.max_bad_steps=0"], env=env)
     assert result.returncode == 1
     assert "step 3: 1 bad steps in a row" in result.stderr, result.stderr[-2000:]
+
+
+def test_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_data(
+        tmp_path: Path, prepared_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = env_for_tests() | {"MEGATRAIN_FAULT_SPIKE": "14"}  # loss × 20 at step 14, every rank
+    result = run_module("train", [*TINY, f"data.train={prepared_dir}", f"run.dir={run_dir}",
+                                  "trainer.max_steps=20", "trainer.log_every=1",
+                                  "trainer.save_every=10", "trainer.eval_every=1000",
+                                  "trainer.spike_policy=rollback", "trainer.spike_zscore=4"],
+                        env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 14: loss spike" in result.stderr
+    assert "step 14: rolled back to step_10 after a loss spike" in result.stderr
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    # 1-13 trained; 14 spiked and was undone; the run went on from 10 with the data after 14
+    assert steps == [*range(1, 14), *range(11, 21)]
+    assert rows[-1]["rollbacks"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+    state = torch.load(run_dir / "checkpoints" / "step_20" / "rank0.pt", weights_only=False)
+    assert state["progress"]["rollbacks"] == 1

@@ -85,3 +85,25 @@ def test_greedy_generation_matches_hf() -> None:
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                            max_new_tokens=12, pad_token_id=0)
     assert torch.equal(generate(model, prompt, 12, temperature=0.0), expected)
+
+
+def _padding_mask(B: int = 3, T: int = 24) -> torch.Tensor:
+    """Row 0 full, row 1 right-padded, row 2 left-padded (1 = token, 0 = padding)."""
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T - 7:] = 0
+    mask[2, :5] = 0
+    return mask
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_logits_match_hf_with_padding_in_the_batch(impl: str) -> None:
+    hf = _hf_model()
+    model = GPT(GPTConfig(**{**gpt2_config_from_hf(hf.config).__dict__, "attn_impl": impl}))
+    model.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=True)
+    ids, mask = _ids(), _padding_mask()
+    expected = hf(ids, attention_mask=mask).logits
+    actual = model.eval()(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (actual[real] - expected[real]).abs().max().item() <= 1e-4
+    unpadded = model(ids[1:2, :17])  # padding changes nothing at the real positions
+    assert (unpadded[0] - actual[1, :17]).abs().max().item() <= 1e-5

@@ -143,7 +143,7 @@ def test_tied_head_shares_the_embedding() -> None:
     assert model.num_params() == CONFIG.num_params() - 101 * 64
 
 
-# --- parity with transformers (unpadded batches: megatrain's models take no attention mask) --
+# --- parity with transformers ---------------------------------------------------------------
 
 def _hf_model(config: LlamaConfig = CONFIG) -> transformers.LlamaForCausalLM:
     model = transformers.LlamaForCausalLM._from_config(llama_config_to_hf(config),
@@ -203,3 +203,18 @@ def test_greedy_generation_matches_hf() -> None:
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                            max_new_tokens=12, pad_token_id=0)
     assert torch.equal(generate(model, prompt, 12, temperature=0.0), expected)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_logits_match_hf_with_padding_in_the_batch(impl: str) -> None:
+    hf = _hf_model()
+    model = Llama(LlamaConfig(**{**llama_config_from_hf(hf.config).__dict__, "attn_impl": impl}))
+    model.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=True)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0  # right padding
+    mask[2, :5] = 0  # left padding: HF keeps positions 0..T-1, so do we
+    expected = hf(ids, attention_mask=mask).logits
+    actual = model.eval()(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (actual[real] - expected[real]).abs().max().item() <= 1e-4

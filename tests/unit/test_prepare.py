@@ -394,3 +394,20 @@ def test_the_output_folders_own_tokenizer_can_be_given(
                     progress=False)  # other options: a fresh start that must keep the tokenizer
     assert again.tokenizer["sha256"] == first.tokenizer["sha256"]
     assert again.stats["eval_documents"] > first.stats["eval_documents"]
+
+
+def test_a_torn_journal_line_is_ignored(
+    prepared: Manifest, corpus_dir: Path, tokenizer_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    kwargs = {"tokenizer": str(tokenizer_model), "eval_fraction": 0.05, "shard_tokens": 20_000,
+              "workers": 1, "progress": False}
+    first = prepare(str(corpus_dir), out, **kwargs)
+    before = _mtimes(first)
+    journal = out / "prepare-journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2])  # killed mid-append
+    again = prepare(str(corpus_dir), out, **kwargs)
+    assert hashes(again) == hashes(prepared)
+    after = _mtimes(again)
+    assert sum(after[n] == before[n] for n in before) == len(before) - 3  # only those redone
