@@ -7,10 +7,9 @@ which needs this package's config).
 from megatrain.models.bert.model import (
     Bert,
     BertConfig,
-    BertMLP,
     PostNormBlock,
     bert_flops_per_token,
     build_bert,
 )
 
-__all__ = ["Bert", "BertConfig", "BertMLP", "PostNormBlock", "bert_flops_per_token", "build_bert"]
+__all__ = ["Bert", "BertConfig", "PostNormBlock", "bert_flops_per_token", "build_bert"]

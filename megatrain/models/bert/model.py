@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from megatrain.errors import ConfigError
 from megatrain.models.common.attention import AttnMask, SelfAttention, resolve_attn_impl
-from megatrain.models.common.layers import Block
+from megatrain.models.common.layers import Block, GeluMLP
 from megatrain.models.common.positions import batch_mask, positions_in_documents
 from megatrain.models.flops import palm_flops_per_token
 
@@ -71,19 +71,6 @@ class BertConfig:
         return n if non_embedding else n + lookups
 
 
-class BertMLP(nn.Module):
-    """BERT's MLP: fc -> exact (erf) GELU -> proj, with biases (GPT-2's uses the tanh form)."""
-
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_model, d_ff)
-        self.proj = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
 class PostNormBlock(nn.Module):
     """One post-norm block as in the original Transformer and BERT: each sub-layer's residual sum
     is normalised (``ln_1`` after attention, ``ln_2`` after the MLP). Same submodule names and
@@ -118,7 +105,7 @@ def _block(config: BertConfig, attn_impl: str) -> nn.Module:
     d, eps = config.d_model, config.norm_eps
     attn = SelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout,
                          causal=False)
-    mlp = BertMLP(d, config.d_ff, config.dropout)
+    mlp = GeluMLP(d, config.d_ff, config.dropout, approximate="none")  # exact GELU
     block = Block if config.norm_position == "pre" else PostNormBlock
     return block(nn.LayerNorm(d, eps=eps), attn, nn.LayerNorm(d, eps=eps), mlp)
 

@@ -9,7 +9,7 @@ from megatrain.models.common.attention import (
     make_attention_fn,
     resolve_attn_impl,
 )
-from megatrain.models.common.layers import Block, GeluMLP, RMSNorm, SwiGLU
+from megatrain.models.common.layers import Block, GatedMLP, GeluMLP, RMSNorm
 from megatrain.models.common.positions import batch_mask, positions_in_documents
 from megatrain.models.common.rotary import apply_rotary, rotary_cos_sin
 
@@ -19,10 +19,10 @@ __all__ = [
     "AttnMask",
     "Block",
     "CrossAttention",
+    "GatedMLP",
     "GeluMLP",
     "RMSNorm",
     "SelfAttention",
-    "SwiGLU",
     "apply_rotary",
     "batch_mask",
     "make_attention_fn",

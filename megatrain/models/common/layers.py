@@ -1,4 +1,4 @@
-"""Norms, MLPs and the pre-norm transformer block shared by the GPT-2 and Llama-style models."""
+"""Norms, MLPs and the pre-norm transformer block shared by the model families."""
 
 from __future__ import annotations
 
@@ -30,30 +30,45 @@ class RMSNorm(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """GPT-2's MLP: fc -> tanh-GELU -> proj, with biases."""
+    """fc -> GELU -> proj, with biases: GPT-2 uses GELU's tanh approximation (``"tanh"``), BERT
+    the exact erf form (``"none"``)."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0,
+                 approximate: str = "tanh") -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff)
         self.proj = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
-class SwiGLU(nn.Module):
-    """Llama's MLP: proj(silu(gate(x)) · fc(x)), no biases."""
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
+
+GATES = {"silu": F.silu, "gelu_tanh": _gelu_tanh}
+
+
+class GatedMLP(nn.Module):
+    """proj(act(gate(x)) · fc(x)), no biases: SwiGLU (``"silu"``, Llama) or gated GELU
+    (``"gelu_tanh"``, T5 v1.1: HF's wi_0, wi_1, wo). Dropout on the gated hidden state (as T5)
+    and on the output."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0,
+                 activation: str = "silu") -> None:
         super().__init__()
         self.gate = nn.Linear(d_model, d_ff, bias=False)
         self.fc = nn.Linear(d_model, d_ff, bias=False)
         self.proj = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
+        self.act = GATES[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.silu(self.gate(x)) * self.fc(x)))
+        h = self.act(self.gate(x)) * self.fc(x)  # (B, T, ff)
+        return self.dropout(self.proj(self.dropout(h)))
 
 
 class Block(nn.Module):

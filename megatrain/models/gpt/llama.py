@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from megatrain.models.common.attention import SelfAttention, resolve_attn_impl
-from megatrain.models.common.layers import Block, RMSNorm, SwiGLU
+from megatrain.models.common.layers import Block, GatedMLP, RMSNorm
 from megatrain.models.common.positions import batch_mask, positions_in_documents
 from megatrain.models.common.rotary import rotary_cos_sin
 from megatrain.models.flops import palm_flops_per_token
@@ -59,7 +59,7 @@ def _block(config: LlamaConfig, attn_impl: str) -> Block:
     d, eps = config.d_model, config.norm_eps
     attn = SelfAttention(d, config.n_heads, config.n_kv_heads, attn_impl, config.dropout,
                                bias=False)
-    mlp = SwiGLU(d, config.d_ff, config.dropout)
+    mlp = GatedMLP(d, config.d_ff, config.dropout, activation="silu")  # SwiGLU
     return Block(RMSNorm(d, eps), attn, RMSNorm(d, eps), mlp)
 
 

@@ -3,7 +3,6 @@ apart, so the Hugging Face adapter can import the model without a cycle)."""
 
 from megatrain.models.t5.model import (
     T5,
-    GatedGeluMLP,
     T5Config,
     build_t5,
     span_target_ratio,
@@ -13,7 +12,6 @@ from megatrain.models.t5.positions import RelativePositionBias, relative_positio
 
 __all__ = [
     "T5",
-    "GatedGeluMLP",
     "RelativePositionBias",
     "T5Config",
     "build_t5",

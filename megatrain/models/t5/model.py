@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain.errors import ConfigError
@@ -23,7 +22,7 @@ from megatrain.models.common.attention import (
     SelfAttention,
     resolve_attn_impl,
 )
-from megatrain.models.common.layers import Block, RMSNorm
+from megatrain.models.common.layers import Block, GatedMLP, RMSNorm
 from megatrain.models.t5.positions import RelativePositionBias
 
 # T5's span corruption (15% noise, mean span 3): the decoder reads about 0.22 tokens per encoder
@@ -87,21 +86,6 @@ class T5Config:
         return self.vocab_size * d + encoder + decoder + positions + 2 * d + head
 
 
-class GatedGeluMLP(nn.Module):
-    """T5 v1.1's MLP: proj(gelu_tanh(gate(x)) · fc(x)), no biases (HF's wi_0, wi_1, wo)."""
-
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d_model, d_ff, bias=False)
-        self.fc = nn.Linear(d_model, d_ff, bias=False)
-        self.proj = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(self.gate(x), approximate="tanh") * self.fc(x)  # (B, T, ff)
-        return self.dropout(self.proj(self.dropout(h)))  # HF drops out inside and after
-
-
 class DecoderBlock(nn.Module):
     """Pre-norm causal self-attention, cross-attention to the encoder, MLP; the unit that
     activation checkpointing wraps."""
@@ -115,7 +99,7 @@ class DecoderBlock(nn.Module):
         self.cross_attn = CrossAttention(d, config.n_heads, attn_impl, config.dropout, bias=False,
                                          head_dim=config.head_dim, scale=1.0)
         self.ln_3 = RMSNorm(d, eps)
-        self.mlp = GatedGeluMLP(d, config.d_ff, config.dropout)
+        self.mlp = GatedMLP(d, config.d_ff, config.dropout, activation="gelu_tanh")
 
     def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None,
                 memory_mask: AttnMask | None = None) -> Tensor:
@@ -134,7 +118,7 @@ def _encoder_block(config: T5Config, attn_impl: str) -> Block:
     d, eps = config.d_model, config.norm_eps
     attn = _self_attention(config, attn_impl, causal=False)
     return Block(RMSNorm(d, eps), attn, RMSNorm(d, eps),
-                 GatedGeluMLP(d, config.d_ff, config.dropout))
+                 GatedMLP(d, config.d_ff, config.dropout, activation="gelu_tanh"))
 
 
 class T5Stack(nn.Module):
@@ -251,7 +235,7 @@ def init_weights(model: T5) -> None:
         for module in stack.modules():
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
-            elif isinstance(module, GatedGeluMLP):
+            elif isinstance(module, GatedMLP):
                 nn.init.normal_(module.gate.weight, std=d ** -0.5)
                 nn.init.normal_(module.fc.weight, std=d ** -0.5)
                 nn.init.normal_(module.proj.weight, std=c.d_ff ** -0.5)
