@@ -418,7 +418,11 @@ def encode_documents(
         for chunk in chunks:
             yield from _encode_chunk(chunk)
         return
-    with mp.Pool(workers, initializer=_init_worker, initargs=(str(model), True)) as pool:
+    # Spawned, not forked: prepare also runs inside the trainer (a corpus prepared on first use),
+    # whose threads (torch, DeepSpeed, logging) may hold locks a forked child would inherit
+    # locked and wait on forever.
+    context = mp.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(str(model), True)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
