@@ -21,6 +21,7 @@ positions per document.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -156,8 +157,15 @@ class SpanCorruption:
     name: str = "span"
     overlap: int = 0
 
-    @property
+    def __post_init__(self) -> None:
+        spans = span_lengths(self.row_tokens, self.noise_density, self.mean_span)[1]
+        if spans > len(self.sentinel_ids):
+            raise ConfigError(f"data.seq_len={self.seq_len} needs {spans} sentinels per row; the "
+                              f"tokenizer has {len(self.sentinel_ids)}")
+
+    @functools.cached_property
     def row_tokens(self) -> int:
+        """Raw tokens per row (a search, so computed once: every batch asks)."""
         return raw_length_for(self.seq_len, self.noise_density, self.mean_span)
 
     @property
@@ -168,9 +176,6 @@ class SpanCorruption:
     def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
         L = self.row_tokens
         noise, spans, _ = span_lengths(L, self.noise_density, self.mean_span)
-        if spans > len(self.sentinel_ids):
-            raise ConfigError(f"data.seq_len={self.seq_len} needs {spans} sentinels per row; the "
-                              f"tokenizer has {len(self.sentinel_ids)}")
         pairs = [self._corrupt(row, random_spans_noise_mask(L, noise, spans, rng))
                  for row in window[: rows * L].reshape(rows, L)]
         inputs, targets = (np.stack(p).astype(np.int64) for p in zip(*pairs, strict=True))

@@ -65,7 +65,6 @@ from megatrain.errors import ConfigError, DataError
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
-TOKENIZER_FILE = SP_FILE  # the file a trained tokenizer is written to
 DEFAULT_SHARD_TOKENS = 1_000_000
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 18

@@ -27,7 +27,6 @@ from megatrain.errors import DataError
 
 STDLIB = "stdlib"
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
-JSONL_KINDS = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 DEFAULT_TEXT_FIELD = "text"
 TXT_CHUNK_CHARS = 4096
 """Plain text (a book, a dump) has no document boundaries: split it into ~4 KB paragraph groups."""

@@ -13,21 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatrain.logging.sinks import truncate_after
+
 TRACE_DIR = "data_trace"
 
 
 def trace_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / TRACE_DIR / f"rank{rank}.jsonl"
-
-
-def drop_after(path: Path, step: int) -> None:
-    """Remove the lines of steps past ``step`` (an interrupted run wrote them after its save)."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 
 class TraceWriter:
@@ -37,11 +29,11 @@ class TraceWriter:
         folder = Path(run_dir) / TRACE_DIR
         folder.mkdir(parents=True, exist_ok=True)
         own = trace_path(run_dir, rank)
-        drop_after(own, resume_step)
+        truncate_after(own, resume_step)
         if rank == 0:  # and the files of old ranks that this (smaller) world no longer has
             for path in folder.glob("rank*.jsonl"):
                 if int(path.stem[4:]) >= world_size:
-                    drop_after(path, resume_step)
+                    truncate_after(path, resume_step)
         self._file = own.open("a", encoding="utf-8", buffering=1)
 
     def write(self, step: int, keys: list[str], epochs: list[int]) -> None:

@@ -65,7 +65,7 @@ class JsonlSink:
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
-        _truncate_after(path, resume_step)
+        truncate_after(path, resume_step)
         self.file = path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -76,7 +76,7 @@ class JsonlSink:
         self.file.close()
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def truncate_after(path: Path, step: int) -> None:
     """Drop rows past ``step``: a resumed run repeats those steps, so they must not appear twice."""
     if not path.exists():
         return

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatrain.data.manifest import sha256_file
 from megatrain.errors import ConfigError, MegatrainError
 
 log = logging.getLogger("megatrain")
@@ -140,17 +140,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(ckpt: Path) -> None:
     """``MANIFEST.json``: every file of the checkpoint with its size and sha256, fsynced."""
-    files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
     with (ckpt / MANIFEST).open("w", encoding="utf-8") as f:
         json.dump({"files": files}, f, indent=1)
@@ -173,7 +165,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its sha256"
     return None
 

@@ -14,30 +14,35 @@ from megatrain.models.registry import get_model_spec
 HF_PREFIX = "hf:"
 
 
-def load_checkpoint_model(checkpoint: str | Path) -> tuple[str, Any, dict[str, torch.Tensor]]:
-    """(family, config, fp32 state dict) of a megatrain checkpoint, checkpoints or run folder."""
+def load_checkpoint_model(checkpoint: str | Path, weights: bool = True
+                          ) -> tuple[str, Any, dict[str, torch.Tensor] | None]:
+    """(family, config, fp32 state dict or None without ``weights``) of a megatrain checkpoint,
+    checkpoints or run folder."""
     from megatrain.training import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint_path(Path(checkpoint))
     model_meta = dict(ckpt.read_meta(path)["model"])
     family = model_meta.pop("family")
     config = get_model_spec(family).config_cls(**model_meta)
-    return family, config, ckpt.load_model_weights(path)
+    return family, config, ckpt.load_model_weights(path) if weights else None
 
 
-def load_pretrained(source: str) -> tuple[str, Any, dict[str, torch.Tensor]]:
-    """(family, config, state dict) of ``hf:DIR`` (a Hugging Face directory) or a megatrain
-    checkpoint path."""
+def load_pretrained(source: str, weights: bool = True
+                    ) -> tuple[str, Any, dict[str, torch.Tensor] | None]:
+    """(family, config, state dict or None without ``weights``) of ``hf:DIR`` (a Hugging Face
+    directory) or a megatrain checkpoint path."""
     if source.startswith(HF_PREFIX):
-        return load_hf_pretrained(source[len(HF_PREFIX):])
-    return load_checkpoint_model(source)
+        return load_hf_pretrained(source[len(HF_PREFIX):], weights)
+    return load_checkpoint_model(source, weights)
 
 
-def pretrained_config(source: str, model_cfg: Any, vocab_size: int) -> tuple[Any, dict]:
+def pretrained_config(source: str, model_cfg: Any, vocab_size: int,
+                      weights: bool = True) -> tuple[Any, dict | None]:
     """The starting config and weights for ``model.init_from=source``, checked against the run:
     the same family, a vocabulary that covers the tokenizer's; the run's attn_impl and dropout
-    apply (they are not part of the weights)."""
-    family, config, state_dict = load_pretrained(source)
+    apply (they are not part of the weights). ``weights=False`` (a run that resumes: its
+    checkpoint has newer ones) reads the config only."""
+    family, config, state_dict = load_pretrained(source, weights)
     if family != model_cfg.family:
         raise ConfigError(f"model.init_from={source} is a {family} model, but model.family="
                           f"{model_cfg.family}; set model.family={family}")

@@ -69,9 +69,9 @@ class Trainer:
                                                                                   world)
         self.tokenizer = Tokenizer.load(self.train_manifest.tokenizer_path)
         self.precision = resolve_precision(cfg.trainer.precision, device)
+        self.resume_from = ckpt.find_checkpoint(self.run_dir, cfg.run.resume)
         self.model_cfg, self.spec, model = self._build_model()
         self.objective = self._build_objective()
-        self.resume_from = ckpt.find_checkpoint(self.run_dir, cfg.run.resume)
         self.resume_layout = "same" if self.resume_from is None else ckpt.resume_layout(
             self.resume_from, world.world_size, cfg.deepspeed.zero_stage)
         if self.resume_layout == ckpt.UNIVERSAL:
@@ -110,7 +110,8 @@ class Trainer:
         vocab_size = self.tokenizer.vocab_size
         init_state = None
         if cfg.model.init_from:
-            model_cfg, init_state = pretrained_config(cfg.model.init_from, cfg.model, vocab_size)
+            model_cfg, init_state = pretrained_config(cfg.model.init_from, cfg.model, vocab_size,
+                                                      weights=self.resume_from is None)
         else:
             model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size)
         if cfg.data.seq_len > model_cfg.max_seq_len:
@@ -351,14 +352,19 @@ class Trainer:
 
         Ranks must agree; a checkpoint and the run that resumes from it must agree too, whatever
         the world size or ZeRO stage — the check on a resume that re-splits the state."""
-        params = list(self.engine.module.parameters())
-        gather = contextlib.nullcontext()
-        if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for param in self.engine.module.parameters():
+            with self._gathered(param):  # one parameter at a time: never the whole model
+                total += torch.linalg.vector_norm(param, ord=1, dtype=torch.float64)
+        return float(total)  # one host sync, at a save or a resume
 
-            gather = deepspeed.zero.GatheredParameters(params)
-        with gather:
-            return float(sum(p.double().abs().sum() for p in params))
+    def _gathered(self, param: torch.nn.Parameter) -> contextlib.AbstractContextManager:
+        """ZeRO 3 holds a partition of ``param``: gather it for the duration (a collective)."""
+        if self.cfg.deepspeed.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
 
     def _stop_on_signal(self, already_saved: bool) -> None:
         path = self.run_dir / "checkpoints" / f"step_{self.progress.step}"

@@ -67,3 +67,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metrics(run_dir) if "loss" in row}
+
+
+def last_step(run_dir: Path) -> int:
+    """The newest step with a logged training loss (0 before the first)."""
+    return max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0

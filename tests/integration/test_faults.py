@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from tests.integration.helpers import (
     TINY,
     _free_port,
     env_for_tests,
+    last_step,
     losses,
     module_command,
     run_module,
@@ -53,42 +55,24 @@ def _saving(run_dir: Path) -> bool:
     return any((run_dir / "checkpoints").glob("step_*.tmp"))
 
 
-def _last_step(run_dir: Path) -> int:
-    return max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0
-
-
 def _kill_when(proc: subprocess.Popen[str], run_dir: Path, during_save: bool,
                rng: random.Random) -> bool:
     """Once training moves on, SIGKILL the whole process tree: in the middle of a save, or at a
     random moment; False if the run ended first."""
-    seen, deadline = _last_step(run_dir), time.monotonic() + 120
-    while proc.poll() is None and _last_step(run_dir) <= seen and time.monotonic() < deadline:
+    seen, deadline = last_step(run_dir), time.monotonic() + 120
+    while proc.poll() is None and last_step(run_dir) <= seen and time.monotonic() < deadline:
         time.sleep(0.05)
     while during_save and proc.poll() is None and not _saving(run_dir):
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.5) if during_save else rng.uniform(0.0, 3.0))
     if proc.poll() is not None:
         return False
-    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun puts its ranks in new sessions
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    tree = psutil.Process(proc.pid)
+    for process in [tree, *tree.children(recursive=True)]:  # torchrun's ranks: new sessions
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     proc.wait()
     return True
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), gathered before any of them is killed."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
 
 
 def test_random_sigkills_never_lose_the_run(tmp_path: Path, prepared_dir: Path) -> None:
@@ -157,8 +141,8 @@ def test_five_sigterms_requeue_and_end_bit_identical(tmp_path: Path, prepared_di
                                        f"run.dir={run_dir}", *args])
         proc = subprocess.Popen(cmd, cwd=REPO, env=env_for_tests(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        seen = _last_step(run_dir)
-        while proc.poll() is None and _last_step(run_dir) <= seen:
+        seen = last_step(run_dir)
+        while proc.poll() is None and last_step(run_dir) <= seen:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGTERM)
@@ -191,7 +175,7 @@ def test_a_dead_peer_ends_the_job_with_a_message(tmp_path: Path, prepared_dir: P
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         for r in (0, 1)]
     try:
-        while _last_step(tmp_path / "run") < 5:
+        while last_step(tmp_path / "run") < 5:
             assert ranks[0].poll() is None, ranks[0].stderr.read()[-3000:]
             time.sleep(0.05)
         ranks[1].send_signal(fault)

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from megatrain.errors import EXIT_REQUEUE
-from tests.integration.helpers import REPO, TINY, _free_port, env_for_tests, losses, train
+from tests.integration.helpers import (
+    REPO,
+    TINY,
+    _free_port,
+    env_for_tests,
+    last_step,
+    losses,
+    train,
+)
 
 pytestmark = pytest.mark.integration
 STEPS = ("trainer.max_steps=150", "trainer.log_every=1", "trainer.save_every=1000",
@@ -31,7 +39,7 @@ def _start(run_dir: Path, data_dir: Path, nproc: int) -> subprocess.Popen[str]:
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or [0]) >= step:
+        if last_step(run_dir) >= step:
             return
         time.sleep(0.05)
     raise AssertionError(f"never reached step {step}: {proc.communicate()[1][-3000:]}")

@@ -70,10 +70,6 @@ def test_an_elastic_resume_reads_every_document_once(
     assert sorted(read_traces(run)) == [0, 1]
     resumed = train(run, small_sources[0].root, "trainer.max_steps=150",
                     f"data.num_workers={workers}", *common, nproc=nproc, check=False)
-    if resumed.returncode != 0 and "is not supported yet" in resumed.stderr:
-        pytest.skip("resuming on another world size needs the engine-side elastic resume "
-                    "(issue 5): checkpoint.load_checkpoint still refuses it; the data stream "
-                    "side is ready (TrainStream.load_state_dict(checkpoint.stream_states(ckpt)))")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     seen, later = Counter(), Counter()
     steps = {rank: [line["step"] for line in lines] for rank, lines in read_traces(run).items()}

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.integration.helpers import REPO, TINY, env_for_tests, losses, metrics
+from tests.integration.helpers import REPO, TINY, env_for_tests, last_step, losses, metrics
 
 # The quickstart experiment, shrunk so a run takes seconds: every launch test trains this.
 RUN = ("experiment=quickstart", "trainer.sample_prompt=null", "trainer.max_steps=100",
@@ -99,7 +99,7 @@ def job_logs(run_dir: Path) -> str:
 def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or [0]) >= step:
+        if last_step(run_dir) >= step:
             return
         time.sleep(0.1)
     raise AssertionError(f"never reached step {step}:\n{job_logs(run_dir)}")

@@ -59,7 +59,8 @@ def _read_hf_weights(directory: Path) -> StateDict:
                       "pytorch_model.bin")
 
 
-def load_hf_pretrained(directory: str | Path) -> tuple[str, Any, StateDict]:
+def load_hf_pretrained(directory: str | Path,
+                       weights: bool = True) -> tuple[str, Any, StateDict | None]:
     """(family, config, state_dict) of a Hugging Face model directory, in megatrain's terms.
 
     The family comes from config.json's ``model_type``; the state dict loads into
@@ -81,6 +82,8 @@ def load_hf_pretrained(directory: str | Path) -> tuple[str, Any, StateDict]:
         config = spec.hf.config_from_hf(hf_config)
     except ValueError as e:
         raise ConfigError(f"{directory}: {e}") from e
+    if not weights:  # the config alone (a resumed run takes its weights from the checkpoint)
+        return spec.family, config, None
     return spec.family, config, spec.hf.state_dict_from_hf(_read_hf_weights(directory))
 
 
