@@ -83,6 +83,16 @@ def slurm_head_node() -> str:
     return out[0] if out else nodelist.split(",")[0]
 
 
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the default of every process group, not only the world group: DeepSpeed
+    and our signal agreement create sub-groups (``new_group`` without a timeout), and a stalled
+    peer must end their collectives too."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(world: World, collective_timeout_s: float = 600.0) -> torch.device:
     """Pick the device, point DeepSpeed at the CPU when there is no GPU, and join the group.
 
@@ -104,6 +114,7 @@ def init_distributed(world: World, collective_timeout_s: float = 600.0) -> torch
     # A rank that died or stalls makes its peers' next collective fail after this long instead
     # of hanging the job (NCCL then aborts its communicators: TORCH_NCCL_ASYNC_ERROR_HANDLING).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    _default_group_timeout(timedelta(seconds=collective_timeout_s))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=collective_timeout_s))
     return device

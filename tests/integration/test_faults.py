@@ -157,13 +157,17 @@ def test_five_sigterms_requeue_and_end_bit_identical(tmp_path: Path, prepared_di
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-# A frozen peer (SIGSTOP) passed here under load but hung past 120 s on an idle CI machine:
-# the gloo timeout does not cover every wait yet (issue 5 stays open for it).
-@pytest.mark.parametrize("fault", [signal.SIGKILL], ids=["dead"])
-def test_a_dead_peer_ends_the_job_with_a_message(tmp_path: Path, prepared_dir: Path,
-                                                fault: signal.Signals) -> None:
-    """Two ranks without torchrun (nothing else would tear the job down): rank 1 dies; rank 0
-    stops and says why."""
+# The frozen case hung past 120 s in one clean CI run, before the timeout reached sub-groups
+# (distributed._default_group_timeout); it passes here since — non-strict until CI confirms.
+STALLED = pytest.param(signal.SIGSTOP, id="stalled", marks=pytest.mark.xfail(
+    reason="unconfirmed in CI since the sub-group timeout fix", strict=False))
+
+
+@pytest.mark.parametrize("fault", [pytest.param(signal.SIGKILL, id="dead"), STALLED])
+def test_a_dead_or_stalled_peer_ends_the_job_with_a_message(tmp_path: Path, prepared_dir: Path,
+                                                            fault: signal.Signals) -> None:
+    """Two ranks without torchrun (nothing else would tear the job down): rank 1 dies or
+    freezes; rank 0 stops within the collective timeout and says why."""
     args = [*TINY, f"data.train={prepared_dir}", f"run.dir={tmp_path / 'run'}",
             "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=100000",
             "trainer.save_every=100000", "trainer.collective_timeout_s=10"]

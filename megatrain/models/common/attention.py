@@ -325,7 +325,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: fl
 @functools.lru_cache(maxsize=2)
 def _flex_fn(compiled: bool) -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    # dynamic shapes after the first recompile: generation grows T every step
+    return torch.compile(flex_attention) if compiled else flex_attention
 
 
 def _flex_block_mask(mask: AttnMask | None, causal: bool, B: int, Tq: int, Tk: int,
