@@ -95,8 +95,8 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
     sample_prompt: Optional[str] = None  # print a generated sample at the end of training
     sample_tokens: int = 200
-    # Numerical faults (megatrain/training/numerics.py): a non-finite loss on any rank skips the
-    # update on all (one host sync per step; false removes it and the spike check); a loss
+    # Numerical faults (megatrain/training/numerics.py): a non-finite loss or gradient norm on
+    # any rank skips the update on all (one host sync per step; false removes it and the spike check); a loss
     # spike_zscore standard deviations above the last spike_window steps is logged (log) or
     # rolled back to the last checkpoint, skipping the data in between (rollback); more than
     # max_bad_steps bad steps in a row stop the run.

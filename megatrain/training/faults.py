@@ -66,31 +66,45 @@ class FaultInjection:
     """Faults the fault-injection tests switch on through the environment; never set otherwise.
 
     ``MEGATRAIN_FAULT_NAN=STEP:RANK`` makes that rank's loss NaN at that step;
-    ``MEGATRAIN_FAULT_SPIKE=STEP`` multiplies every rank's loss by 20 the first time that step
-    runs (a finite spike that a rollback leaves behind, as skipping bad data would); ``MEGATRAIN_FAULT_SAVE_DELAY=SECONDS`` holds every save that long between writing
+    ``MEGATRAIN_FAULT_GRAD_NAN=STEP:RANK`` leaves that rank's loss as it is but makes its
+    gradients NaN; ``MEGATRAIN_FAULT_SPIKE=STEP`` multiplies every rank's loss by 20 the first
+    time that step runs (a finite spike that a rollback leaves behind, as skipping bad data
+    would); ``MEGATRAIN_FAULT_SAVE_DELAY=SECONDS`` holds every save that long between writing
     and publishing, so a test's SIGKILL can land mid-save.
     """
 
-    nan_step: int | None = None
-    nan_rank: int | None = None
+    nan_at: tuple[int, int] | None = None
+    grad_nan_at: tuple[int, int] | None = None
     save_delay_s: float = 0.0
     spike_step: int | None = None
 
     @classmethod
     def from_env(cls) -> FaultInjection:
         nan = os.environ.get("MEGATRAIN_FAULT_NAN")
-        step, rank = (int(x) for x in nan.split(":")) if nan else (None, None)
+        grad_nan = os.environ.get("MEGATRAIN_FAULT_GRAD_NAN")
         delay = float(os.environ.get("MEGATRAIN_FAULT_SAVE_DELAY", "0"))
         spike = os.environ.get("MEGATRAIN_FAULT_SPIKE")
-        if nan or delay or spike:
-            log.warning("fault injection is on: nan=%s spike=%s save_delay=%ss", nan, spike, delay)
-        return cls(step, rank, delay, int(spike) if spike else None)
+        if nan or grad_nan or delay or spike:
+            log.warning("fault injection is on: nan=%s grad_nan=%s spike=%s save_delay=%ss",
+                        nan, grad_nan, spike, delay)
+        return cls(_step_rank(nan), _step_rank(grad_nan), delay, int(spike) if spike else None)
 
     def poison(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-        """``loss``, made NaN or spiked where the test asked for it."""
-        if step == self.nan_step and rank == self.nan_rank:
+        """``loss``, made NaN, given NaN gradients or spiked where the test asked for it."""
+        if (step, rank) == self.nan_at:
             return loss * float("nan")
+        if (step, rank) == self.grad_nan_at:
+            # The value is exactly ``loss``; the gradient is 1 + 0·∞ = NaN everywhere.
+            return loss + 0.0 * torch.sqrt(loss * 0.0)
         if step == self.spike_step:
             self.spike_step = None
             return loss * 20.0
         return loss
+
+
+def _step_rank(value: str | None) -> tuple[int, int] | None:
+    """``"STEP:RANK"`` → (step, rank)."""
+    if not value:
+        return None
+    step, rank = value.split(":")
+    return int(step), int(rank)

@@ -4,6 +4,10 @@ Once per optimizer step, before the update, every rank contributes its loss to o
 ``[loss sum, non-finite count]`` and reads the result back: the one host–device sync this adds
 per step (``trainer.skip_nonfinite=false`` removes it). A non-finite loss on any rank makes every
 rank skip the update identically (the optimizer step is a no-op; the LR schedule still advances).
+Non-finite gradients with a finite loss: DeepSpeed's own check catches them under ZeRO 1-3 and
+bf16/fp16 (it takes the global gradient norm and skips the step on every rank; the schedule does
+not advance then), and the trainer counts that skip; plain fp32 ZeRO-0 has no such check, so there
+the gradient norm joins the all-reduce above.
 A finite loss whose z-score over the last ``trainer.spike_window`` steps exceeds
 ``trainer.spike_zscore`` is a spike: ``spike_policy=log`` warns, ``rollback`` reloads the last
 checkpoint and goes on with the data after the spike (the batches in between are skipped).
@@ -55,23 +59,32 @@ class StepGuard:
         self.history: deque[float] = deque(maxlen=trainer_cfg.spike_window)
         self.bad_in_a_row = 0
 
-    def check(self, loss: torch.Tensor, step: int) -> Verdict:
-        """The verdict on ``loss`` (this rank's mean loss of the step, on the device)."""
-        packed = torch.stack([torch.nan_to_num(loss.detach().float(), nan=0.0, posinf=0.0,
-                                               neginf=0.0),
-                              (~torch.isfinite(loss.detach())).float()])
+    def check(self, loss: torch.Tensor, step: int,
+              grad_norm: torch.Tensor | None = None) -> Verdict:
+        """The verdict on ``loss`` (this rank's mean loss of the step, on the device) and, where
+        DeepSpeed does not check the gradients itself, on their norm (see ``Trainer``)."""
+        loss = loss.detach().float()
+        grads_bad = (~torch.isfinite(grad_norm)).float() if grad_norm is not None \
+            else torch.zeros((), device=loss.device)
+        packed = torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                              (~torch.isfinite(loss)).float(), grads_bad.to(loss.device)])
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(packed)
-        loss_sum, nonfinite = packed.tolist()
-        if nonfinite:
+        loss_sum, bad_losses, bad_grads = packed.tolist()
+        if bad_losses or bad_grads:
             verdict = Verdict(math.nan, skip=True)
-            log.warning("step %d: non-finite loss on %d rank(s): the update is skipped on all",
-                        step, int(nonfinite))
+            what = f"non-finite loss on {int(bad_losses)} rank(s)" if bad_losses \
+                else "non-finite gradient norm"
+            log.warning("step %d: %s: the update is skipped on all", step, what)
         else:
-            verdict = Verdict(loss_sum / self.world_size, spike=self._is_spike(loss_sum
-                                                                                / self.world_size))
+            mean = loss_sum / self.world_size
+            verdict = Verdict(mean, spike=self._is_spike(mean))
         self._count(verdict, step)
         return verdict
+
+    def count_skipped(self, step: int) -> None:
+        """A step DeepSpeed skipped itself (its own gradient check): bad, as a skip of ours."""
+        self._count(Verdict(math.nan, skip=True), step)
 
     def _is_spike(self, loss: float) -> bool:
         spike = False

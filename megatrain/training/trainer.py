@@ -36,7 +36,7 @@ from megatrain.training.engine import initialize_engine, resolve_precision
 from megatrain.training.faults import FaultInjection, Preempted, StopSignals
 from megatrain.training.init_from import pretrained_config
 from megatrain.training.metrics import Throughput, memory_gb
-from megatrain.training.numerics import StepGuard
+from megatrain.training.numerics import StepGuard, Verdict
 from megatrain.training.parallelize import parallelize
 
 log = logging.getLogger("megatrain")
@@ -205,12 +205,14 @@ class Trainer:
             batch = next(batches)
             loss = self.forward_backward_step(batch)
             total += loss.detach()
+            armed = False
             if micro == accum - 1:
-                if measure_grad_norm and self._engine_hides_grad_norm:
-                    self._grad_norm = _total_grad_norm(self.engine.module)
-                verdict = self._judge(total / accum)
+                verdict = self._judge(total / accum, self._own_grad_norm(measure_grad_norm))
+                armed = self.optimizer.skip_next
             self.engine.step()
             self.optimizer.skip_next = False
+            if micro == accum - 1 and not armed and not self.engine.was_step_applied():
+                verdict = self._deepspeed_skipped(self.progress.step + 1)
             tokens = batch["input_ids"].numel() * self.world.world_size  # a shape: no sync
             self.throughput.add(tokens)
             self.progress.tokens_seen += tokens
@@ -223,13 +225,22 @@ class Trainer:
             return None
         return None if verdict is not None and verdict.skip else total / accum
 
-    def _judge(self, loss: torch.Tensor) -> Any:
-        """Agree with the other ranks on this step's loss; arm the optimizer to skip the update
-        if it is not finite anywhere or is a spike to roll back."""
+    def _own_grad_norm(self, for_logging: bool) -> torch.Tensor | None:
+        """The gradient norm where DeepSpeed neither reports nor checks it (fp32 ZeRO-0), when
+        the log or the non-finite check needs it; None elsewhere."""
+        if not self._engine_hides_grad_norm or not (for_logging or self.guard is not None):
+            return None
+        self._grad_norm = _total_grad_norm(self.engine.module)
+        return self._grad_norm
+
+    def _judge(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Any:
+        """Agree with the other ranks on this step's loss (and ``grad_norm``, where DeepSpeed
+        does not check it); arm the optimizer to skip the update if either is not finite
+        anywhere or the loss is a spike to roll back."""
         if self.guard is None:
             return None
         step = self.progress.step + 1
-        verdict = self.guard.check(loss, step)
+        verdict = self.guard.check(loss, step, grad_norm)
         if verdict.skip:
             self.progress.skipped_steps += 1
         if verdict.spike:
@@ -238,6 +249,16 @@ class Trainer:
         self.optimizer.skip_next = verdict.skip or (verdict.spike
                                                     and self.guard.policy == "rollback")
         return verdict
+
+    def _deepspeed_skipped(self, step: int) -> Verdict:
+        """DeepSpeed skipped the update on every rank itself: its global gradient check found a
+        NaN or inf (ZeRO 1-3, bf16), or fp16's loss scaler overflowed (routine, not bad)."""
+        self.progress.skipped_steps += 1
+        if self.precision != "fp16":
+            log.warning("step %d: non-finite gradient norm: the update is skipped on all", step)
+            if self.guard is not None:
+                self.guard.count_skipped(step)
+        return Verdict(math.nan, skip=True)
 
     def _rollback(self, loss: float) -> None:
         """Reload the last checkpoint but keep reading the data from here: the batches since

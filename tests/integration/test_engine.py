@@ -51,17 +51,27 @@ def _rank_states(ckpt: Path) -> list[dict]:
     return [torch.load(ckpt / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("option", ["zero0", "zero2"])
+@pytest.mark.parametrize("option, fault, message", [
+    ("deepspeed=zero0", "NAN", "non-finite loss on 1 rank(s)"),
+    ("deepspeed=zero2", "NAN", "non-finite loss on 1 rank(s)"),
+    # a finite loss with NaN gradients: our check (fp32 ZeRO-0), DeepSpeed's (the others)
+    ("deepspeed=zero0", "GRAD_NAN", "non-finite gradient norm"),
+    ("deepspeed=zero2", "GRAD_NAN", "non-finite gradient norm"),
+    ("deepspeed=zero3", "GRAD_NAN", "non-finite gradient norm"),
+    ("trainer.precision=bf16", "GRAD_NAN", "non-finite gradient norm"),
+])
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path, prepared_dir: Path,
-                                                      option: str) -> None:
+                                                      option: str, fault: str,
+                                                      message: str) -> None:
     run_dir = tmp_path / "run"
-    env = env_for_tests() | {"MEGATRAIN_FAULT_NAN": "5:1"}  # rank 1's loss is NaN at step 5
+    env = env_for_tests() | {f"MEGATRAIN_FAULT_{fault}": "5:1"}  # on rank 1 at step 5
     result = run_module("train", [*TINY, f"data.train={prepared_dir}", f"run.dir={run_dir}",
                                   "trainer.max_steps=12", "trainer.log_every=1",
                                   "trainer.save_every=12", "trainer.eval_every=1000",
-                                  f"deepspeed={option}"], nproc=2, env=env)
+                                  option], nproc=2, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 5: non-finite loss on 1 rank(s)" in result.stderr
+    assert f"step 5: {message}: the update is skipped on all" in result.stderr, \
+        result.stderr[-3000:]
     logged = losses(run_dir)
     assert sorted(logged) == [s for s in range(1, 13) if s != 5]  # the skipped step has no loss
     assert all(math.isfinite(v) for v in logged.values()) and logged[12] < logged[1]
@@ -70,6 +80,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path, prepared_d
     states = _rank_states(run_dir / "checkpoints" / "step_12")
     assert states[0]["progress"]["skipped_steps"] == states[1]["progress"]["skipped_steps"] == 1
     assert states[0]["weights_checksum"] == states[1]["weights_checksum"]  # replicas agree
+    assert math.isfinite(states[0]["weights_checksum"])
 
 
 def test_nan_every_step_stops_with_a_clear_error(tmp_path: Path, prepared_dir: Path) -> None:

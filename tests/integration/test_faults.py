@@ -157,13 +157,8 @@ def test_five_sigterms_requeue_and_end_bit_identical(tmp_path: Path, prepared_di
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-# The frozen case hung past 120 s in one clean CI run, before the timeout reached sub-groups
-# (distributed._default_group_timeout); it passes here since — non-strict until CI confirms.
-STALLED = pytest.param(signal.SIGSTOP, id="stalled", marks=pytest.mark.xfail(
-    reason="unconfirmed in CI since the sub-group timeout fix", strict=False))
-
-
-@pytest.mark.parametrize("fault", [pytest.param(signal.SIGKILL, id="dead"), STALLED])
+@pytest.mark.parametrize("fault", [pytest.param(signal.SIGKILL, id="dead"),
+                                   pytest.param(signal.SIGSTOP, id="stalled")])
 def test_a_dead_or_stalled_peer_ends_the_job_with_a_message(tmp_path: Path, prepared_dir: Path,
                                                             fault: signal.Signals) -> None:
     """Two ranks without torchrun (nothing else would tear the job down): rank 1 dies or
