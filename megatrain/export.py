@@ -2,9 +2,12 @@
 
     megatrain-export --checkpoint outputs/quickstart --out hf/quickstart
 
-The directory holds config.json, model.safetensors and the tokenizer (tokenizer.model,
-tokenizer.json, tokenizer_config.json); the family's ``transformers`` class (GPT2LMHeadModel,
-LlamaForCausalLM, BertForMaskedLM, T5ForConditionalGeneration) and ``AutoTokenizer`` load it.
+The directory holds config.json, model.safetensors and the tokenizer (tokenizer.json,
+tokenizer_config.json, and tokenizer.model for a SentencePiece one); the family's ``transformers`` class (GPT2LMHeadModel,
+LlamaForCausalLM, BertForMaskedLM, T5ForConditionalGeneration; config.json's ``architectures``)
+and ``AutoTokenizer`` load it. The converted weights are first loaded strictly into that class
+(built on the meta device) and the tokenizer is converted, so a name or shape the class would
+not take, or a tokenizer Hugging Face cannot reproduce, fails the export before it writes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from safetensors.torch import save_file
 
 from megatrain.errors import ConfigError, MegatrainError
 from megatrain.generate import load_model
-from megatrain.models.hf.tokenizer import save_hf_tokenizer
+from megatrain.models.hf.tokenizer import hf_tokenizer
 from megatrain.models.registry import spec_for_config
 
 
@@ -28,16 +31,19 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     spec = spec_for_config(model.config)
     if spec.hf is None:
         raise ConfigError(f"model.family={spec.family} has no Hugging Face adapter")
-    hf_config = spec.hf.config_to_hf(model.config)
+    hf_config = spec.hf.hf_config(model.config)
     hf_config.bos_token_id, hf_config.eos_token_id = _id(tokenizer.bos_id), _id(tokenizer.eos_id)
     hf_config.pad_token_id = _id(tokenizer.pad_id)
-    state_dict = _without_aliases(spec.hf.state_dict_to_hf(model.state_dict()))
+    hf_state_dict = spec.hf.state_dict_to_hf(model.state_dict())
+    spec.hf.check_loads(hf_config, hf_state_dict)  # before anything is written
+    hf_tok = hf_tokenizer(tokenizer.path)  # also: a tokenizer that cannot convert writes nothing
+    state_dict = _without_aliases(hf_state_dict)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
-    save_hf_tokenizer(tokenizer.path, out)
+    hf_tok.save(out)
     return out
 
 

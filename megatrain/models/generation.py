@@ -53,47 +53,33 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        if getattr(model, "is_encoder_decoder", False):
-            return _generate_seq2seq(model, input_ids, attention_mask, max_new_tokens,
-                                     temperature, top_k, eos_id, generator)
-        if attention_mask is not None:
+        seq2seq = getattr(model, "is_encoder_decoder", False)
+        if seq2seq:
+            next_logits, ids = _encoder_decoder(model, input_ids, attention_mask)
+        elif attention_mask is not None:
             raise ValueError("attention_mask is for encoder-decoder models (the encoder's padding)")
-        return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator)
+        else:
+            next_logits, ids = _decoder_only(model), input_ids
+        ids = _sample_loop(next_logits, ids, max_new_tokens, temperature, top_k, eos_id, generator)
+        return ids[:, 1:] if seq2seq else ids  # (B, n) without the start token, or (B, T + n)
     finally:
         model.train(was_training)
 
 
-def _generate(
-    model: nn.Module,
-    input_ids: Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    eos_id: int | None,
-    generator: torch.Generator | None,
-) -> Tensor:
+def _decoder_only(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Next-token logits (B, V) of a causal LM, its context cropped to ``max_seq_len``."""
     max_seq_len = model.config.max_seq_len
-    return _sample_loop(lambda ids: model(ids[:, -max_seq_len:])[:, -1, :], input_ids,
-                        max_new_tokens, temperature, top_k, eos_id, generator)
+    return lambda ids: model(ids[:, -max_seq_len:])[:, -1, :]
 
 
-def _generate_seq2seq(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    eos_id: int | None,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """Encode once; decode the whole prefix each step (relative positions: no cropping)."""
+def _encoder_decoder(model: nn.Module, input_ids: Tensor,
+                     attention_mask: Tensor | None) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """Encode once; the next-token logits decode the whole prefix each step (relative
+    positions: no cropping), starting from (B, 1) ``decoder_start_id``."""
     memory = model.encode(input_ids, attention_mask)  # (B, S, C)
     start = torch.full((input_ids.size(0), 1), model.config.decoder_start_id,
                        dtype=torch.long, device=input_ids.device)  # (B, 1)
-    ids = _sample_loop(lambda ids: model.decode(ids, memory, attention_mask)[:, -1, :], start,
-                       max_new_tokens, temperature, top_k, eos_id, generator)
-    return ids[:, 1:]  # (B, n)
+    return lambda ids: model.decode(ids, memory, attention_mask)[:, -1, :], start
 
 
 def _sample_loop(

@@ -21,7 +21,7 @@ from megatrain.models.gpt.llama import LlamaConfig, build_llama, llama_flops_per
 from megatrain.models.gpt.model import GPTConfig, build_gpt, gpt_flops_per_token
 from megatrain.models.hf.gpt2 import GPT2_ADAPTER
 from megatrain.models.hf.llama import LLAMA_ADAPTER
-from megatrain.models.spec import ModelSpec
+from megatrain.models.spec import ModelSpec, mlp4x_size
 from megatrain.models.t5.spec import T5_SPEC
 
 __all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "get_model_spec", "resolve_model_config",
@@ -31,8 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def _gpt2_size(n_layers: int, d_model: int, n_heads: int, max_seq_len: int = 1024) -> dict:
-    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_ff": 4 * d_model,
-            "max_seq_len": max_seq_len}
+    return mlp4x_size(n_layers, d_model, n_heads, max_seq_len)
 
 
 GPT_SPEC = ModelSpec(

@@ -22,3 +22,9 @@ class ModelSpec:
     objective: str  # the data objective it trains on: clm | mlm | span
     flops_per_token: Callable[[Any, int], float]  # (config, seq_len) -> training FLOPs
     hf: HFAdapter | None = None
+
+
+def mlp4x_size(n_layers: int, d_model: int, n_heads: int, max_seq_len: int) -> dict:
+    """A named size's dims for GPT-2 and BERT shapes: the MLP is 4× the model width."""
+    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_ff": 4 * d_model,
+            "max_seq_len": max_seq_len}

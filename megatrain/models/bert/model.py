@@ -20,22 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain.errors import ConfigError
-from megatrain.models.common.attention import AttnMask, SelfAttention, resolve_attn_impl
+from megatrain.models.common.attention import AttnMask, SelfAttention
+from megatrain.models.common.base import ModelBase, TransformerConfig
 from megatrain.models.common.layers import Block, GeluMLP
-from megatrain.models.common.positions import batch_mask, positions_in_documents
+from megatrain.models.common.positions import batch_mask, token_positions
 from megatrain.models.flops import palm_flops_per_token
 
 NORM_POSITIONS = ("post", "pre")
 
 
 @dataclass
-class BertConfig:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-    vocab_size: int
-    max_seq_len: int
+class BertConfig(TransformerConfig):
     type_vocab_size: int = 2  # segment embeddings; MLM pretraining without NSP uses type 0 only
     norm_position: str = "post"  # post (as in BERT) | pre
     norm_eps: float = 1e-12
@@ -123,56 +118,35 @@ def init_bert_weights(model: nn.Module) -> None:
             module.reset_parameters()
 
 
-class Bert(nn.Module):
+class Bert(ModelBase[BertConfig]):
     """BERT masked LM: ``forward(input_ids (B, T)) -> logits (B, T, V)`` at every position; no
     loss inside (the trainer scores the masked positions only)."""
 
-    def __init__(
-        self,
-        config: BertConfig,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        """Build on ``device`` in ``dtype``; the attention backend is resolved for them here."""
-        super().__init__()
-        self.config = config
-        self.attn_impl = resolve_attn_impl(config.attn_impl, torch.device(device), dtype)
-        d, eps, post = config.d_model, config.norm_eps, config.norm_position == "post"
-        with torch.device(device):
-            self.tok_emb = nn.Embedding(config.vocab_size, d)
-            self.pos_emb = nn.Embedding(config.max_seq_len, d)
-            self.type_emb = nn.Embedding(config.type_vocab_size, d)
-            self.emb_ln = nn.LayerNorm(d, eps=eps) if post else nn.Identity()
-            self.drop = nn.Dropout(config.dropout)
-            self.blocks = nn.ModuleList(_block(config, self.attn_impl)
-                                        for _ in range(config.n_layers))
-            self.ln_f = nn.Identity() if post else nn.LayerNorm(d, eps=eps)
-            self.head = MLMHead(d, config.vocab_size, eps)
+    lookup_tables = ("pos_emb", "type_emb")
+
+    def build(self) -> None:
+        c = self.config
+        d, eps, post = c.d_model, c.norm_eps, c.norm_position == "post"
+        self.tok_emb = nn.Embedding(c.vocab_size, d)
+        self.pos_emb = nn.Embedding(c.max_seq_len, d)
+        self.type_emb = nn.Embedding(c.type_vocab_size, d)
+        self.emb_ln = nn.LayerNorm(d, eps=eps) if post else nn.Identity()
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(_block(c, self.attn_impl) for _ in range(c.n_layers))
+        self.ln_f = nn.Identity() if post else nn.LayerNorm(d, eps=eps)
+        self.head = MLMHead(d, c.vocab_size, eps)
         self.head.decoder.weight = self.tok_emb.weight  # tied
-        self.reset_parameters()
-        self.to(dtype=dtype)
 
     def reset_parameters(self) -> None:
         init_bert_weights(self)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Counted parameters (the tied decoder once); ``non_embedding`` drops the position and
-        token-type tables."""
-        n = sum(p.numel() for p in self.parameters())
-        lookups = self.pos_emb.weight.numel() + self.type_emb.weight.numel()
-        return n - lookups if non_embedding else n
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 doc_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
         """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
         ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting;
         ``token_type_ids`` (B, T): segments, all 0 when None (no sentence pairs in pretraining)."""
-        T = input_ids.size(1)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(T, device=input_ids.device) if doc_ids is None \
-            else positions_in_documents(doc_ids)  # (T,) or (B, T)
+        self.check_seq_len(input_ids.size(1))
+        pos = token_positions(input_ids, doc_ids)  # (T,) or (B, T)
         types = self.type_emb.weight[0] if token_type_ids is None \
             else self.type_emb(token_type_ids)  # (C,) or (B, T, C)
         mask = batch_mask(attention_mask, doc_ids)

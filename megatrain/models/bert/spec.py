@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from megatrain.models.bert.model import BertConfig, bert_flops_per_token, build_bert
 from megatrain.models.hf.bert import BERT_ADAPTER
-from megatrain.models.spec import ModelSpec
+from megatrain.models.spec import ModelSpec, mlp4x_size
 
 
-def _bert_size(n_layers: int, d_model: int, n_heads: int, max_seq_len: int = 512) -> dict:
-    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_ff": 4 * d_model,
-            "max_seq_len": max_seq_len}
+def _bert_size(n_layers: int, d_model: int, n_heads: int) -> dict:
+    return mlp4x_size(n_layers, d_model, n_heads, max_seq_len=512)
 
 
 BERT_SPEC = ModelSpec(

@@ -22,6 +22,14 @@ def positions_in_documents(doc_ids: Tensor) -> Tensor:
     return index - start_of_doc
 
 
+def token_positions(input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
+    """Indices into a learned position table: (T,) 0..T-1 for (B, T) ``input_ids``, or (B, T)
+    restarting per document when ``doc_ids`` is given."""
+    if doc_ids is None:
+        return torch.arange(input_ids.size(1), device=input_ids.device)
+    return positions_in_documents(doc_ids)
+
+
 def batch_mask(attention_mask: Tensor | None, doc_ids: Tensor | None) -> AttnMask | None:
     """The :class:`AttnMask` of a batch: ``attention_mask`` (B, T) 1 for real tokens, 0 for
     padding (Hugging Face's convention), and/or ``doc_ids`` (B, T); None when neither is given."""

@@ -6,26 +6,21 @@ checkpoint converts both ways and the logits match.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from megatrain.models.common.attention import SelfAttention, resolve_attn_impl
-from megatrain.models.common.layers import Block, GeluMLP, RMSNorm
-from megatrain.models.common.positions import batch_mask, positions_in_documents
+from megatrain.models.common.attention import SelfAttention
+from megatrain.models.common.base import TransformerConfig
+from megatrain.models.common.layers import Block, GeluMLP
+from megatrain.models.common.positions import token_positions
 from megatrain.models.flops import palm_flops_per_token
+from megatrain.models.gpt.decoder import DecoderLM
 
 
 @dataclass
-class GPTConfig:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-    vocab_size: int
-    max_seq_len: int
+class GPTConfig(TransformerConfig):
     dropout: float = 0.0
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | eager
 
@@ -48,78 +43,28 @@ class GPTConfig:
         return n if non_embedding else n + self.max_seq_len * d
 
 
-def init_weights(model: nn.Module, blocks: nn.ModuleList, n_layers: int) -> None:
-    """GPT-2 init: N(0, 0.02), residual output projections N(0, 0.02/√(2L)), zero biases, unit
-    norms. Shared by the GPT-2 and Llama-style models."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.zero_()
-        if isinstance(module, (nn.LayerNorm, RMSNorm)):
-            module.reset_parameters()
-    # Each block adds two outputs to the residual stream; scaling keeps its variance flat.
-    resid_std = 0.02 / math.sqrt(2 * n_layers)
-    for block in blocks:
-        block.attn.proj.weight.normal_(mean=0.0, std=resid_std)
-        block.mlp.proj.weight.normal_(mean=0.0, std=resid_std)
-
-
-def _block(config: GPTConfig, attn_impl: str) -> Block:
-    d = config.d_model
-    attn = SelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout)
-    return Block(nn.LayerNorm(d), attn, nn.LayerNorm(d), GeluMLP(d, config.d_ff, config.dropout))
-
-
-class GPT(nn.Module):
+class GPT(DecoderLM[GPTConfig]):
     """GPT-2 language model: ``forward(input_ids (B, T)) -> logits (B, T, V)``; no loss inside."""
 
-    def __init__(
-        self,
-        config: GPTConfig,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        """Build on ``device`` in ``dtype``; the attention backend is resolved for them here."""
-        super().__init__()
-        self.config = config
-        self.attn_impl = resolve_attn_impl(config.attn_impl, torch.device(device), dtype)
-        with torch.device(device):
-            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-            self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
-            self.drop = nn.Dropout(config.dropout)
-            self.blocks = nn.ModuleList(_block(config, self.attn_impl)
-                                        for _ in range(config.n_layers))
-            self.ln_f = nn.LayerNorm(config.d_model)
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied
-        self.reset_parameters()
-        self.to(dtype=dtype)
+    lookup_tables = ("pos_emb",)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        init_weights(self, self.blocks, self.config.n_layers)
+    def build_positions(self) -> None:
+        self.pos_emb = nn.Embedding(self.config.max_seq_len, self.config.d_model)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Counted parameters (tied weights once); ``non_embedding`` drops the position table."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
+    def block(self) -> Block:
+        c = self.config
+        attn = SelfAttention(c.d_model, c.n_heads, c.n_heads, self.attn_impl, c.dropout)
+        return Block(self.norm(), attn, self.norm(), GeluMLP(c.d_model, c.d_ff, c.dropout))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> Tensor:
-        """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
-        ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting."""
-        T = input_ids.size(1)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(T, device=input_ids.device) if doc_ids is None \
-            else positions_in_documents(doc_ids)  # (T,) or (B, T)
-        mask = batch_mask(attention_mask, doc_ids)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, None, mask)  # (B, T, C)
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.config.d_model)
+
+    def tied_embeddings(self) -> bool:
+        return True
+
+    def embed(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, None]:
+        pos = token_positions(input_ids, doc_ids)  # (T,) or (B, T)
+        return self.drop(self.tok_emb(input_ids) + self.pos_emb(pos)), None
 
 
 def build_gpt(config: GPTConfig, device: torch.device | str, dtype: torch.dtype) -> GPT:

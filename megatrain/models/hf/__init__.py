@@ -6,6 +6,7 @@ functions that need it.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from megatrain.errors import ConfigError
+from megatrain.errors import ConfigError, MegatrainError
+from megatrain.models.hf.keymap import StateDict
 
-StateDict = dict[str, Tensor]
+Fields = tuple[tuple[str, str], ...]  # (megatrain config field, HF config attribute) pairs
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,38 @@ class HFAdapter:
     config_from_hf: Callable[[Any], Any]
     state_dict_to_hf: Callable[[StateDict], StateDict]
     state_dict_from_hf: Callable[[StateDict], StateDict]
+
+    def hf_config(self, config: Any) -> Any:
+        """``config_to_hf``, naming ``architecture`` as the class that loads it (config.json's
+        ``architectures``, which AutoModel and the Hub read)."""
+        hf_config = self.config_to_hf(config)
+        hf_config.architectures = [self.architecture]
+        return hf_config
+
+    def check_loads(self, hf_config: Any, hf_state_dict: StateDict) -> None:
+        """Load ``hf_state_dict`` strictly into ``architecture`` built (on the meta device, so
+        for free) from ``hf_config``: a name or shape transformers would not take is an error
+        here, naming it, instead of a model that silently keeps random weights. (A copy of the
+        config: building a model may set attributes on it.)"""
+        model_cls = getattr(import_transformers(), self.architecture)
+        with torch.device("meta"):
+            model = model_cls(copy.deepcopy(hf_config))
+        try:
+            model.load_state_dict(hf_state_dict, strict=True, assign=True)
+        except RuntimeError as e:
+            raise MegatrainError(f"the converted weights do not load into {self.architecture}: "
+                                 + " ".join(str(e).split())) from e
+
+
+def fields_to_hf(fields: Fields, config: Any) -> dict[str, Any]:
+    """The HF config arguments that carry a megatrain config field unchanged."""
+    return {hf: getattr(config, mt) for mt, hf in fields}
+
+
+def fields_from_hf(fields: Fields, hf_config: Any) -> dict[str, Any]:
+    """The megatrain config arguments read unchanged from an HF config: the same table as
+    ``fields_to_hf``, so the two directions cannot disagree."""
+    return {mt: getattr(hf_config, hf) for mt, hf in fields}
 
 
 def import_transformers() -> Any:
@@ -87,4 +120,5 @@ def load_hf_pretrained(directory: str | Path,
     return spec.family, config, spec.hf.state_dict_from_hf(_read_hf_weights(directory))
 
 
-__all__ = ["HFAdapter", "StateDict", "import_transformers", "load_hf_pretrained"]
+__all__ = ["Fields", "HFAdapter", "StateDict", "fields_from_hf", "fields_to_hf",
+           "import_transformers", "load_hf_pretrained"]

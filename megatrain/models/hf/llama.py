@@ -2,59 +2,46 @@
 
 Names map one to one except that megatrain fuses q, k and v into one projection (split here by
 shape: q has ``d_model`` rows, k and v the rest in halves). Both sides use the "rotate half" RoPE
-layout, so no q/k permutation is needed.
+layout, so no q/k permutation is needed. With tied embeddings ``lm_head.weight`` is the token
+embedding, the same tensor (drop it before saving with safetensors; a missing one is read back as
+the embedding).
 """
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
-import torch
+from torch import Tensor
 
 from megatrain.models.gpt.llama import LlamaConfig
-from megatrain.models.hf import HFAdapter, StateDict
+from megatrain.models.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
+from megatrain.models.hf.keymap import KeyMap, fused, rename, under
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig as HFLlamaConfig
 
-# megatrain name -> HF name, outside blocks and inside blocks (under "model.layers.<i>.")
-_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight"}
-_BLOCK = {
-    "ln_1.weight": "input_layernorm.weight",
-    "attn.proj.weight": "self_attn.o_proj.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight",
-    "mlp.fc.weight": "mlp.up_proj.weight",
-    "mlp.proj.weight": "mlp.down_proj.weight",
-}
-_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
-_MT_LAYER = re.compile(r"blocks\.(\d+)\.(.+)")
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# megatrain LlamaConfig field -> HF LlamaConfig attribute, the same value both ways
+_FIELDS: Fields = (
+    ("vocab_size", "vocab_size"), ("d_model", "hidden_size"), ("d_ff", "intermediate_size"),
+    ("n_layers", "num_hidden_layers"), ("n_heads", "num_attention_heads"),
+    ("max_seq_len", "max_position_embeddings"), ("norm_eps", "rms_norm_eps"),
+    ("tie_embeddings", "tie_word_embeddings"),
+    ("dropout", "attention_dropout"),  # HF Llama has no residual dropout; training-only anyway
+)
 
 
 def llama_config_to_hf(config: LlamaConfig) -> HFLlamaConfig:
     from transformers import LlamaConfig as HFLlamaConfig
 
     return HFLlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
+        **fields_to_hf(_FIELDS, config),
         num_key_value_heads=config.n_kv_heads,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta,
-        tie_word_embeddings=config.tie_embeddings,
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        attention_dropout=config.dropout,  # HF Llama has no residual dropout; training-only anyway
         bos_token_id=None,
         eos_token_id=None,
-        architectures=["LlamaForCausalLM"],
     )
 
 
@@ -75,69 +62,49 @@ def llama_config_from_hf(hf_config: HFLlamaConfig) -> LlamaConfig:
     if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
         raise ValueError(f"HF Llama head_dim={head_dim} != hidden_size / num_attention_heads")
     return LlamaConfig(
-        n_layers=hf_config.num_hidden_layers,
-        d_model=hf_config.hidden_size,
-        n_heads=hf_config.num_attention_heads,
+        **fields_from_hf(_FIELDS, hf_config),
         n_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
-        d_ff=hf_config.intermediate_size,
-        vocab_size=hf_config.vocab_size,
-        max_seq_len=hf_config.max_position_embeddings,
         rope_theta=_rope_theta(hf_config),
-        norm_eps=hf_config.rms_norm_eps,
-        tie_embeddings=hf_config.tie_word_embeddings,
-        dropout=hf_config.attention_dropout,
     )
 
 
-def state_dict_to_hf(sd: StateDict) -> StateDict:
-    """megatrain Llama state dict -> LlamaForCausalLM state dict. With tied embeddings
-    ``lm_head.weight`` is the token embedding, the same tensor: drop it before safetensors."""
-    out: StateDict = {}
-    for name, tensor in sd.items():
-        m = _MT_LAYER.fullmatch(name)
-        if m is None:
-            out[_TOP[name]] = tensor
-            continue
-        index, local = m.groups()
-        prefix = f"model.layers.{index}."
-        if local == "attn.qkv.weight":
-            q_rows = tensor.size(1)  # q projects d_model -> d_model
-            kv_rows = (tensor.size(0) - q_rows) // 2
-            for hf_name, part in zip(_QKV, tensor.split([q_rows, kv_rows, kv_rows])):
-                out[prefix + hf_name] = part.contiguous()
-        else:
-            out[prefix + _BLOCK[local]] = tensor
-    return out
+def _split_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v of the fused projection: q has d_model rows (it projects d_model -> d_model), k
+    and v half the rest each (grouped-query attention makes them smaller)."""
+    q_rows = qkv.size(1)
+    kv_rows = (qkv.size(0) - q_rows) // 2
+    q, k, v = (part.contiguous() for part in qkv.split([q_rows, kv_rows, kv_rows]))
+    return q, k, v
 
 
-def state_dict_from_hf(sd: StateDict) -> StateDict:
-    """LlamaForCausalLM state dict -> megatrain Llama state dict; a missing ``lm_head.weight``
-    (tied, as safetensors files store it) is the token embedding."""
-    top = {hf: mt for mt, hf in _TOP.items()}
-    block = {hf: mt for mt, hf in _BLOCK.items()}
-    out: StateDict = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}  # layer index -> q/k/v projections
-    for name, tensor in sd.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer of older transformers
-        m = _HF_LAYER.fullmatch(name)
-        if m is None:
-            out[top[name]] = tensor
-        elif m.group(2) in _QKV:
-            qkv.setdefault(m.group(1), {})[m.group(2)] = tensor
-        else:
-            out[f"blocks.{m.group(1)}.{block[m.group(2)]}"] = tensor
-    for index, parts in qkv.items():
-        out[f"blocks.{index}.attn.qkv.weight"] = torch.cat([parts[n] for n in _QKV])
-    out.setdefault("lm_head.weight", out["tok_emb.weight"])
-    return out
+def _tied_head(out: StateDict) -> Tensor:
+    """A missing ``lm_head.weight`` is the token embedding (tied; safetensors stores it once)."""
+    return out["tok_emb.weight"]
 
 
-LLAMA_ADAPTER = HFAdapter(
-    model_type="llama",
-    architecture="LlamaForCausalLM",
-    config_to_hf=llama_config_to_hf,
-    config_from_hf=llama_config_from_hf,
-    state_dict_to_hf=state_dict_to_hf,
-    state_dict_from_hf=state_dict_from_hf,
+KEYS = KeyMap(
+    "Llama",
+    rules=(
+        rename("tok_emb.weight", "model.embed_tokens.weight"),
+        rename("ln_f.weight", "model.norm.weight"),
+        rename("lm_head.weight", "lm_head.weight", fallback=_tied_head),
+        *under("blocks.*.", "model.layers.*.", (
+            rename("ln_1.weight", "input_layernorm.weight"),
+            fused("attn.qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                      "self_attn.v_proj.weight"), split=_split_qkv),
+            rename("attn.proj.weight", "self_attn.o_proj.weight"),
+            rename("ln_2.weight", "post_attention_layernorm.weight"),
+            rename("mlp.gate.weight", "mlp.gate_proj.weight"),
+            rename("mlp.fc.weight", "mlp.up_proj.weight"),
+            rename("mlp.proj.weight", "mlp.down_proj.weight"),
+        )),
+    ),
+    # RoPE buffers of older transformers
+    hf_ignored=("model.layers.*.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq"),
 )
+state_dict_to_hf = KEYS.to_hf
+state_dict_from_hf = KEYS.from_hf
+
+LLAMA_ADAPTER = HFAdapter(model_type="llama", architecture="LlamaForCausalLM",
+                          config_to_hf=llama_config_to_hf, config_from_hf=llama_config_from_hf,
+                          state_dict_to_hf=state_dict_to_hf, state_dict_from_hf=state_dict_from_hf)

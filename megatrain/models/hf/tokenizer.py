@@ -1,25 +1,88 @@
-"""megatrain's SentencePiece tokenizer -> a Hugging Face fast tokenizer (``tokenizer.json``).
+"""megatrain's tokenizer -> a Hugging Face fast tokenizer (``tokenizer.json``).
 
-The conversion keeps SentencePiece's behaviour for megatrain's tokenizers (BPE, byte fallback,
-no dummy prefix, identity normalization, ``"\\n"`` a single user-defined piece), so
+A SentencePiece model (``bpe``, ``unigram`` or ``char``) is converted keeping SentencePiece's
+behaviour for megatrain's tokenizers (byte fallback, no dummy prefix, identity normalization,
+``"\\n"`` a single user-defined piece), so
 ``AutoTokenizer.from_pretrained(dir).encode(text, add_special_tokens=False)`` gives the ids
-megatrain trained on. One difference: text spelling a control token (``"</s>"``) is that token in
-Hugging Face, plain characters in SentencePiece.
+megatrain trained on:
+
+- ``bpe``: ``tokenizers``' BPE with merges derived from the pieces (transformers'
+  SentencePiece extraction).
+- ``unigram``: ``tokenizers``' Unigram with the pieces' scores: the same Viterbi search. Pieces
+  SentencePiece never matches in text (unk, control, the byte pieces ``<0x41>``) get a score no
+  segmentation prefers, and characters found in no normal piece are split off by the
+  pre-tokenizer, so text that spells a byte piece encodes as in SentencePiece.
+- ``char``: the same Unigram, whose normal pieces are all single characters.
+
+A Hugging Face ``tokenizer.json`` (a corpus prepared with ``--tokenizer tokenizer.json``) is
+saved with its pipeline unchanged and the special-token roles megatrain reads from it, as the
+generic fast tokenizer (transformers' model classes, e.g. ``T5Tokenizer``, rebuild their own).
+
+What can differ: text spelling a special token (``"</s>"``, ``"[MASK]"``, ``"<extra_id_0>"``) is
+that token in Hugging Face, plain characters in SentencePiece. And SentencePiece's unigram search
+sums scores in float32, ``tokenizers``' in float64: segmentations whose scores tie (runs of spaces
+in code: ``▁▁▁▁ ▁▁`` or ``▁▁ ▁▁▁▁``) or differ by less than float32 rounding can come out
+differently.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatrain.errors import ConfigError
 from megatrain.models.hf import import_transformers
 
-_BPE, _CONTROL, _USER_DEFINED = 2, 3, 4  # SentencePiece model / piece types
-
+# SentencePiece model types and piece types (sentencepiece_model.proto).
+_UNIGRAM, _BPE, _WORD, _CHAR = 1, 2, 3, 4
+_MODEL_TYPES = {_UNIGRAM: "unigram", _BPE: "bpe", _WORD: "word", _CHAR: "char"}
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 _ROLES = {"[CLS]": "cls_token", "[SEP]": "sep_token", "[MASK]": "mask_token"}
+# tokenizer_config.json settings of a given Hugging Face tokenizer that carry over unchanged.
+_KEPT_CONFIG = ("model_max_length", "chat_template")
+
+
+@dataclass(frozen=True)
+class HFTokenizer:
+    """A converted tokenizer, ready to write: the fast tokenizer and, for a SentencePiece model,
+    the original file that goes beside it."""
+
+    fast: Any  # transformers.PreTrainedTokenizerFast
+    sentencepiece_model: Path | None
+
+    def save(self, out_dir: Path) -> None:
+        """tokenizer.json and tokenizer_config.json (+ tokenizer.model for SentencePiece)."""
+        out_dir = Path(out_dir)
+        if self.sentencepiece_model is not None:
+            target = out_dir / "tokenizer.model"
+            if not (target.exists() and target.samefile(self.sentencepiece_model)):
+                shutil.copyfile(self.sentencepiece_model, target)
+        self.fast.save_pretrained(out_dir)
+
+
+def hf_tokenizer(path: Path) -> HFTokenizer:
+    """Convert megatrain's tokenizer file ``path`` (a SentencePiece model, or a Hugging Face
+    tokenizer.json whatever its name); a ConfigError says why one cannot be."""
+    from megatrain.data.tokenizer import is_hf_tokenizer_file
+
+    transformers = import_transformers()
+    path = Path(path)
+    hf_json = is_hf_tokenizer_file(path)
+    tok, specials = _given_hf_tokenizer(path) if hf_json else _fast_tokenizer(path)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+    return HFTokenizer(fast, None if hf_json else path)
+
+
+def save_hf_tokenizer(path: Path, out_dir: Path) -> None:
+    """Write ``out_dir``'s tokenizer for megatrain's tokenizer file ``path``."""
+    hf_tokenizer(path).save(out_dir)
+
+
+# --- SentencePiece models -----------------------------------------------------------------------
 
 
 def _special_tokens(proto: Any) -> dict[str, Any]:
@@ -37,9 +100,26 @@ def _special_tokens(proto: Any) -> dict[str, Any]:
     return specials
 
 
-def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, str]]:
+def _check_normalizer(spm_path: Path, proto: Any) -> None:
+    """ConfigError for whitespace handling the conversion does not reproduce (a SentencePiece
+    model trained elsewhere, e.g. with a dummy prefix): its ids would differ."""
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    settings = {"add_dummy_prefix": norm.add_dummy_prefix,
+                "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+                "escape_whitespaces": not norm.escape_whitespaces,
+                "treat_whitespace_as_suffix": trainer.treat_whitespace_as_suffix}
+    differs = [name for name, unsupported in settings.items() if unsupported]
+    if differs:
+        raise ConfigError(
+            f"{spm_path}: cannot convert to Hugging Face's format with the same ids: the model "
+            f"was trained with other whitespace handling ({', '.join(differs)}) than megatrain's "
+            "(no dummy prefix, whitespace kept and escaped as a prefix)"
+        )
+
+
+def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, Any]]:
     """The ``tokenizers.Tokenizer`` and its special tokens, built with transformers'
-    SentencePiece extraction (vocabulary and BPE merges)."""
+    SentencePiece extraction (vocabulary and BPE merges, or unigram scores)."""
     import_transformers()
     from tokenizers import AddedToken
     from tokenizers.models import BPE
@@ -47,11 +127,18 @@ def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, str]]:
 
     extractor = SentencePieceExtractor(str(spm_path))
     proto = extractor.proto
-    if proto.trainer_spec.model_type != _BPE:
-        raise ConfigError(f"{spm_path}: only BPE SentencePiece tokenizers convert to Hugging "
-                          "Face's format")
-    bpe = extractor.extract(BPE)
-    tok = SpmConverter.build_tokenizer_from_spm_proto(proto, bpe["vocab"], bpe["merges"])
+    model_type = proto.trainer_spec.model_type
+    if model_type not in (_BPE, _UNIGRAM, _CHAR):
+        raise ConfigError(f"{spm_path}: a SentencePiece {_MODEL_TYPES.get(model_type, '?')} "
+                          "model does not convert to Hugging Face's format (bpe, unigram and char "
+                          "models do)")
+    _check_normalizer(spm_path, proto)
+    if model_type == _BPE:
+        bpe = extractor.extract(BPE)
+        tok = SpmConverter.build_tokenizer_from_spm_proto(proto, bpe["vocab"], bpe["merges"])
+    else:
+        tok = SpmConverter.build_tokenizer_from_spm_proto(proto, _unigram_vocab(proto))
+        tok.pre_tokenizer = _isolate_unmatched_characters(proto)
     tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
                     for p in proto.pieces if p.type in (_CONTROL, _USER_DEFINED)])
     specials = _special_tokens(proto)
@@ -60,9 +147,65 @@ def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, str]]:
     return tok, specials
 
 
-def save_hf_tokenizer(spm_path: Path, out_dir: Path) -> None:
-    """Write tokenizer.model (the original), tokenizer.json and tokenizer_config.json."""
-    transformers = import_transformers()
-    shutil.copyfile(spm_path, out_dir / "tokenizer.model")
-    tok, specials = _fast_tokenizer(spm_path)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials).save_pretrained(out_dir)
+def _unigram_vocab(proto: Any) -> list[tuple[str, float]]:
+    """(piece, score) for every id, for ``tokenizers``' Unigram.
+
+    SentencePiece's Viterbi search only sees normal and user-defined pieces; a Unigram matches
+    the others (unk, control, byte pieces) in text too: ``<0x41>`` spelled out. They get a score
+    below that of any spelling of them in normal pieces (at least one piece per character), so
+    no segmentation uses them where a normal one exists.
+
+    That score also lowers the Unigram's unknown-character score (the lowest score minus 10;
+    SentencePiece takes the lowest normal one), which changes nothing: SentencePiece's unigram and
+    char vocabularies hold every character of their pieces as a piece of its own, so an unknown
+    character is never inside a normal piece, and every segmentation has it as unk.
+    """
+    matched = (_NORMAL, _USER_DEFINED)
+    lowest = min((p.score for p in proto.pieces if p.type == _NORMAL), default=0.0)
+    longest = max(len(p.piece) for p in proto.pieces)
+    unreachable = (longest + 1) * min(lowest, 0.0) - 1000.0
+    return [(p.piece, p.score if p.type in matched else unreachable) for p in proto.pieces]
+
+
+def _isolate_unmatched_characters(proto: Any) -> Any:
+    """A pre-tokenizer that splits off each character of the unmatched pieces (unk, control,
+    byte) that no normal piece contains, or None when there is none.
+
+    SentencePiece never spans such a character (it is unknown: byte fallback), so cutting the
+    text around it changes no segmentation. Without the cut, ``<0x41>`` spelled out in text whose
+    ``<`` is unknown would be the byte piece: its score, however low, beats the path through the
+    unknown ``<``, which scores 10 below the lowest score.
+    """
+    from tokenizers import pre_tokenizers
+
+    known = {c for p in proto.pieces if p.type in (_NORMAL, _USER_DEFINED) for c in p.piece}
+    unmatched = {c for p in proto.pieces if p.type not in (_NORMAL, _USER_DEFINED)
+                 for c in p.piece}
+    chars = sorted(unmatched - known)
+    if not chars:
+        return None
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(c, behavior="isolated") for c in chars])
+
+
+# --- Hugging Face tokenizer.json ------------------------------------------------------------------
+
+
+def _given_hf_tokenizer(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The ``tokenizers.Tokenizer`` of ``path`` and the special tokens megatrain assigns it
+    (from a ``tokenizer_config.json`` beside it, else the usual spellings)."""
+    from megatrain.data.hf_tokenizer import CONFIG_FILE, HFTokenizer, special_roles
+
+    hf = HFTokenizer.from_file(path)
+    backend = hf._hf
+    vocab = backend.get_vocab(with_added_tokens=True)
+    config_file = path.parent / CONFIG_FILE
+    roles = special_roles(vocab, config_file)
+    specials: dict[str, Any] = {f"{role}_token": token for role, token in roles.items()}
+    id_to_token = {i: t for t, i in vocab.items()}
+    sentinels = [id_to_token[i] for i in hf.sentinel_ids]
+    if sentinels:
+        specials["additional_special_tokens"] = sentinels
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))  # valid: roles read it
+        specials.update({k: config[k] for k in _KEPT_CONFIG if config.get(k) is not None})
+    return backend, specials

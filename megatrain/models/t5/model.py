@@ -16,12 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from megatrain.errors import ConfigError
-from megatrain.models.common.attention import (
-    AttnMask,
-    CrossAttention,
-    SelfAttention,
-    resolve_attn_impl,
-)
+from megatrain.models.common.attention import AttnMask, CrossAttention, SelfAttention
+from megatrain.models.common.base import ModelBase, TransformerConfig
 from megatrain.models.common.layers import Block, GatedMLP, RMSNorm
 from megatrain.models.t5.positions import RelativePositionBias
 
@@ -31,13 +27,10 @@ NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0
 
 
 @dataclass
-class T5Config:
-    n_layers: int  # encoder layers
-    d_model: int
-    n_heads: int
-    d_ff: int
-    vocab_size: int
-    max_seq_len: int  # the longest encoder input the data gives; relative positions have no limit
+class T5Config(TransformerConfig):
+    """``n_layers`` counts the encoder's layers; ``max_seq_len`` is the longest encoder input the
+    data gives (relative positions have no limit)."""
+
     n_decoder_layers: int | None = None  # None: n_layers
     head_dim: int | None = None  # T5's d_kv; None: d_model / n_heads
     relative_buckets: int = 32
@@ -138,35 +131,22 @@ def _padding(attention_mask: Tensor | None) -> Tensor | None:
     return None if attention_mask is None else attention_mask.bool()
 
 
-class T5(nn.Module):
+class T5(ModelBase[T5Config]):
     """T5 v1.1: ``forward(input_ids (B, S), decoder_input_ids (B, T)) -> logits (B, T, V)``;
     no loss inside (the trainer takes cross-entropy against labels, -100 ignored)."""
 
     is_encoder_decoder = True  # generation encodes once, then decodes from decoder_start_id
+    attn_bias = True  # relative positions: ``auto`` resolves to FlexAttention on CUDA
 
-    def __init__(
-        self,
-        config: T5Config,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        """Build on ``device`` in ``dtype``; the attention backend is resolved for them here
-        (``auto`` takes the relative bias into account: FlexAttention on CUDA)."""
-        super().__init__()
-        self.config = config
-        self.attn_impl = resolve_attn_impl(config.attn_impl, torch.device(device), dtype,
-                                           bias=True)
-        with torch.device(device):
-            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)  # HF's "shared"
-            self.drop = nn.Dropout(config.dropout)
-            self.encoder = T5Stack(config, self.attn_impl, decoder=False)
-            self.decoder = T5Stack(config, self.attn_impl, decoder=True)
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+    def build(self) -> None:
+        c = self.config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # HF's "shared"
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = T5Stack(c, self.attn_impl, decoder=False)
+        self.decoder = T5Stack(c, self.attn_impl, decoder=True)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.reset_parameters()
-        self.to(dtype=dtype)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -177,10 +157,6 @@ class T5(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         init_weights(self)
-
-    def num_params(self) -> int:
-        """Counted parameters (a tied head once)."""
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor,
                 attention_mask: Tensor | None = None,
