@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from megatrain.data.manifest import ShardInfo
+from megatrain.data.tar import npy_tokens, tar_samples
 from megatrain.errors import DataError
 
 TMP_SUFFIX = ".tmp"
@@ -151,42 +152,17 @@ class ShardWriter:
         self._samples = self._tokens = self._inputs = 0
 
 
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` of each sample of a shard, streaming; DataError if the tar
-    is unreadable."""
-    key, members = None, {}
-    try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name_key, _, ext = member.name.partition(".")
-                if name_key != key and key is not None:
-                    yield key, members
-                    members = {}
-                key = name_key
-                members[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"{path.name}: unreadable tar ({exc})") from exc
-    if key is not None:
-        yield key, members
-
-
-def load_tokens(data: bytes, where: str) -> np.ndarray:
-    """A sample's token array; DataError naming ``where`` if it is not a 1-d unsigned array."""
-    try:
-        tokens = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{where}: unreadable tokens.npy ({exc})") from exc
-    if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32):
-        raise DataError(f"{where}: tokens are {tokens.dtype}{list(tokens.shape)}, expected 1-d uint")
-    return tokens
-
-
 def shard_token_counts(path: Path, vocab_size: int) -> np.ndarray:
-    """How often each id occurs in a shard (to rebuild statistics on resume)."""
+    """How often each id occurs in a shard (to rebuild statistics on resume); DataError naming
+    the shard if it does not read cleanly."""
+    samples, stop = tar_samples(path.read_bytes())
+    if stop:
+        raise DataError(f"{path.name}: unreadable tar ({stop})")
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for key, members in iter_samples(path):
-        tokens = load_tokens(members.get("tokens.npy", b""), f"{path.name}:{key}")
+    for key, parts in samples:
+        try:
+            tokens = npy_tokens(parts["tokens.npy"])
+        except (KeyError, ValueError, EOFError, SyntaxError) as exc:
+            raise DataError(f"{path.name}:{key}: unreadable tokens.npy ({exc!r})") from exc
         counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
     return counts

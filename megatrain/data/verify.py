@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatrain.data.manifest import Manifest, ShardInfo, sha256_file
-from megatrain.data.shards import iter_samples, load_tokens
-from megatrain.errors import DataError
+from megatrain.data.tar import npy_tokens, tar_samples
 
 MAX_PROBLEMS = 5
 
@@ -80,23 +79,24 @@ def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
 
 def _check_content(path: Path, vocab_size: int, check: Check) -> None:
     """Count samples and tokens, noting (a few) malformed samples."""
-    try:
-        for key, members in iter_samples(path):
-            check.samples += 1
-            problem = _sample_problem(key, members, vocab_size, check)
-            if problem and len(check.problems) < MAX_PROBLEMS:
-                check.problems.append(problem)
-    except DataError as exc:
-        check.problems.append(str(exc))
+    samples, stop = tar_samples(path.read_bytes())
+    if stop:
+        check.problems.append(f"unreadable tar ({stop})")
+    for key, parts in samples:
+        check.samples += 1
+        problem = _sample_problem(key, parts, vocab_size, check)
+        if problem and len(check.problems) < MAX_PROBLEMS:
+            check.problems.append(problem)
 
 
-def _sample_problem(key: str, members: dict[str, bytes], vocab_size: int, check: Check) -> str:
-    if set(members) != {"json", "tokens.npy"}:
-        return f"sample {key} has members {sorted(members)}, expected json + tokens.npy"
+def _sample_problem(key: str, parts: dict[str, memoryview], vocab_size: int,
+                    check: Check) -> str:
+    if set(parts) != {"json", "tokens.npy"}:
+        return f"sample {key} has members {sorted(parts)}, expected json + tokens.npy"
     try:
-        tokens = load_tokens(members["tokens.npy"], f"sample {key}")
-    except DataError as exc:
-        return str(exc)
+        tokens = npy_tokens(parts["tokens.npy"])
+    except (ValueError, EOFError, SyntaxError) as exc:
+        return f"sample {key}: unreadable tokens.npy ({exc})"
     check.tokens += len(tokens)
     if len(tokens) and int(tokens.max()) >= vocab_size:
         return f"sample {key} has token id {int(tokens.max())} >= vocab size {vocab_size}"
