@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatrain.data.clean import Cleaner, CleanOptions
+from megatrain.data.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
 from megatrain.data.journal import Journal, JournalShard
 from megatrain.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, sha256_file
 from megatrain.data.shards import (
@@ -64,7 +65,6 @@ from megatrain.errors import ConfigError, DataError
 
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
-HF_CONFIG_FILE = "tokenizer_config.json"
 DEFAULT_SHARD_TOKENS = 1_000_000
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 18

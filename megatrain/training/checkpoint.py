@@ -3,7 +3,8 @@
 Layout of ``<run.dir>/checkpoints``::
 
     step_<N>/            DeepSpeed's files (model, optimizer, schedule), rank<R>.pt (per-rank
-                         RNGs and stream position), meta.json, tokenizer.model
+                         RNGs and stream position), meta.json, tokenizer.model (+ its
+                         tokenizer_config.json for a Hugging Face tokenizer)
     latest               the name of the newest *complete* checkpoint
 
 A checkpoint is written under ``step_<N>.tmp``. Once every rank has finished, rank 0 lists
@@ -32,7 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatrain.data.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
 from megatrain.data.manifest import sha256_file
+from megatrain.data.tokenizer import is_hf_tokenizer_file
 from megatrain.errors import ConfigError, MegatrainError
 
 log = logging.getLogger("megatrain")
@@ -85,7 +88,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: d
         torch.save(rank_state, tmp / f"rank{rank}.pt")
         if rank == 0:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            _copy_tokenizer(tokenizer_path, tmp)
         failure = None
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         free_mb = shutil.disk_usage(root).free / 2**20
@@ -98,6 +101,15 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: d
         _publish(root, tmp, tag, keep_last)
     _barrier()
     return root / tag
+
+
+def _copy_tokenizer(path: Path, ckpt: Path) -> None:
+    """The corpus tokenizer as ``tokenizer.model`` (whatever it is), and for a Hugging Face
+    tokenizer.json the tokenizer_config.json beside it, which names its special-token roles."""
+    shutil.copyfile(path, ckpt / "tokenizer.model")
+    config = path.parent / HF_CONFIG_FILE
+    if is_hf_tokenizer_file(path) and config.is_file():
+        shutil.copyfile(config, ckpt / HF_CONFIG_FILE)
 
 
 def _any_rank_failed(failed: bool, device: torch.device) -> bool:

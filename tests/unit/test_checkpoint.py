@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatrain.errors import ConfigError
 from megatrain.training.checkpoint import (
@@ -13,6 +14,7 @@ from megatrain.training.checkpoint import (
     _prune,
     find_checkpoint,
     resolve_checkpoint_path,
+    save_checkpoint,
     verify_checkpoint,
     write_manifest,
 )
@@ -89,3 +91,30 @@ def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(
     _flip_byte(run / "checkpoints" / "step_5" / "weights.pt")
     with pytest.raises(CheckpointError, match="no checkpoint in .* verifies"):
         find_checkpoint(run, "auto")
+
+
+class _Engine:
+    """What ``save_checkpoint`` asks of DeepSpeed's engine, on one process."""
+
+    device = torch.device("cpu")
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(root) / tag).mkdir(parents=True)
+        torch.save({"w": torch.arange(4.0)}, Path(root) / tag / "model_states.pt")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_a_checkpoint_keeps_its_tokenizer_and_a_tokenizer_json_its_roles(tmp_path: Path,
+                                                                         kind: str) -> None:
+    """The roles of a Hugging Face tokenizer live in tokenizer_config.json beside it: the
+    checkpoint keeps that too, so export and generate read the roles training used."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    tokenizer = corpus / ("tokenizer.json" if kind == "tokenizer.json" else "tokenizer.model")
+    tokenizer.write_bytes(b'{"model": {}}' if kind == "tokenizer.json" else b"\x0a\x0bspm")
+    (corpus / "tokenizer_config.json").write_text('{"eos_token": "<|end|>"}')
+    ckpt = save_checkpoint(_Engine(), tmp_path / "checkpoints", 3, 0, {}, {"step": 3},
+                           tokenizer, keep_last=2)
+    assert (ckpt / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    assert (ckpt / "tokenizer_config.json").exists() == (kind == "tokenizer.json")
+    verify_checkpoint(ckpt)  # the manifest covers it
