@@ -47,7 +47,7 @@ _KEPT_CONFIG = ("model_max_length", "chat_template")
 
 
 @dataclass(frozen=True)
-class HFTokenizer:
+class ConvertedTokenizer:
     """A converted tokenizer, ready to write: the fast tokenizer and, for a SentencePiece model,
     the original file that goes beside it."""
 
@@ -64,7 +64,7 @@ class HFTokenizer:
         self.fast.save_pretrained(out_dir)
 
 
-def hf_tokenizer(path: Path) -> HFTokenizer:
+def hf_tokenizer(path: Path) -> ConvertedTokenizer:
     """Convert megatrain's tokenizer file ``path`` (a SentencePiece model, or a Hugging Face
     tokenizer.json whatever its name); a ConfigError says why one cannot be."""
     from megatrain.data.tokenizer import is_hf_tokenizer_file
@@ -74,7 +74,7 @@ def hf_tokenizer(path: Path) -> HFTokenizer:
     hf_json = is_hf_tokenizer_file(path)
     tok, specials = _given_hf_tokenizer(path) if hf_json else _fast_tokenizer(path)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
-    return HFTokenizer(fast, None if hf_json else path)
+    return ConvertedTokenizer(fast, None if hf_json else path)
 
 
 def save_hf_tokenizer(path: Path, out_dir: Path) -> None:
