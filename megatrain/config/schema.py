@@ -45,6 +45,7 @@ class DataConfig:
     objective: Optional[str] = None  # clm | mlm | span; None: the model family's
     doc_masking: bool = False  # attend within packed documents only, positions restart (clm, mlm)
     mask_prob: float = 0.15  # mlm: share of tokens to predict (80% [MASK], 10% random, 10% kept)
+    whole_word_masking: bool = False  # mlm: choose whole words (BERT's wwm), not single tokens
     noise_density: float = 0.15  # span: share of tokens hidden in spans
     mean_span: float = 3.0  # span: mean hidden span length
     num_workers: int = 1

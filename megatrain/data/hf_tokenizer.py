@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from megatrain.data.tokenizer import Tokenizer
+from megatrain.data.tokenizer import WORD_ALONE, WORD_START, Tokenizer, piece_word_flags
 from megatrain.errors import ConfigError, DataError
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -84,6 +84,60 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, special tokens left out."""
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def word_table(self) -> np.ndarray:
+        """(vocab_size,) uint8 word flags of every id, as :meth:`Tokenizer.word_table`: for a
+        WordPiece model a piece without the ``##`` prefix starts a word (BERT's rule); for a
+        byte-level model (GPT-2's ``Ġ``) a piece is read as the bytes it stands for; otherwise
+        the Metaspace ``▁`` marks spaces and byte-fallback pieces ``<0xNN>`` are bytes. Special
+        added tokens, and ids the vocabulary skips, stand alone."""
+        spec = json.loads(self._hf.to_str())
+        model = spec.get("model") or {}
+        pipeline = [spec.get("pre_tokenizer"), spec.get("decoder")]
+        if model.get("type") == "WordPiece":
+            prefix = model.get("continuing_subword_prefix") or "##"
+            flags = lambda piece: 0 if piece.startswith(prefix) else WORD_START
+        elif _find_type(pipeline, "ByteLevel") is not None:
+            flags = lambda piece: piece_word_flags(_byte_level_text(piece))
+        else:
+            space = (_find_type(pipeline, "Metaspace") or {}).get("replacement", "▁")
+            fallback = bool(model.get("byte_fallback"))
+            flags = lambda piece: piece_word_flags(piece, space, fallback)
+        table = np.full(self.vocab_size, WORD_ALONE, dtype=np.uint8)
+        for piece, i in self._hf.get_vocab(with_added_tokens=False).items():
+            table[i] = flags(piece)
+        for added in spec.get("added_tokens") or []:  # matched in text as written
+            table[added["id"]] = (WORD_ALONE if added.get("special")
+                                  else piece_word_flags(added["content"]))
+        return table
+
+
+def _byte_level_text(piece: str) -> str:
+    """The text a byte-level piece stands for (a partial UTF-8 character as U+FFFD)."""
+    raw = bytes(_BYTE_OF[c] if c in _BYTE_OF else ord("?") for c in piece)
+    return raw.decode("utf-8", errors="replace")
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """The character → byte map of byte-level BPE (GPT-2's ``bytes_to_unicode``, inverted)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF = _gpt2_byte_alphabet()
+
+
+def _find_type(node: Any, name: str) -> dict[str, Any] | None:
+    """The first component of type ``name`` in a tokenizer.json pipeline (Sequences nest)."""
+    if isinstance(node, list):
+        return next((f for n in node if (f := _find_type(n, name)) is not None), None)
+    if isinstance(node, dict):
+        if node.get("type") == name:
+            return node
+        return _find_type(list(node.values()), name)
+    return None
 
 
 def special_roles(vocab: dict[str, int], config_file: Path) -> dict[str, str]:

@@ -7,7 +7,8 @@ tokens; an objective turns a window into tensors:
   its rows, ``overlap = 1``).
 - ``mlm`` (BERT): 15% of the tokens are chosen; of those 80% become ``[MASK]``, 10% a random token
   and 10% stay; ``labels`` hold the originals there and -100 elsewhere (RoBERTa-style dynamic
-  masking: a window is masked afresh every epoch).
+  masking: a window is masked afresh every epoch). With whole-word masking the tokens are chosen
+  word by word, as BERT's ``create_pretraining_data`` does.
 - ``span`` (T5): span corruption as in the T5 paper: ~15% of the tokens in spans of mean length 3
   are replaced by one sentinel each; the targets are the sentinels followed by the spans they
   hide. Raw rows are as long as needed for the corrupted inputs to fill ``seq_len``.
@@ -22,16 +23,18 @@ positions per document.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from megatrain.data.tokenizer import WORD_ALONE, WORD_END, WORD_START
 from megatrain.errors import ConfigError
 
 OBJECTIVES = ("clm", "mlm", "span")
 IGNORE = -100
+_SPECIAL = 4  # MaskedLM's word table: a special token (never chosen)
 
 
 class Objective(Protocol):
@@ -79,7 +82,21 @@ class CausalLM:
 
 @dataclass(frozen=True)
 class MaskedLM:
-    """BERT's masked-token prediction with 80/10/10 dynamic masking; specials are never chosen."""
+    """BERT's masked-token prediction with 80/10/10 dynamic masking; specials are never chosen.
+
+    With ``word_table`` (the tokenizer's per-id ``WORD_START`` / ``WORD_END`` flags, see
+    ``Tokenizer.word_table``) it masks whole words, as Google BERT's ``create_pretraining_data``
+    and Hugging Face's ``DataCollatorForWholeWordMask``: a word is a piece that starts one (a
+    ``WORD_START`` piece, one after a ``WORD_END`` piece — whitespace or a special — or a row's
+    first) and the pieces after it that continue it; in each row the candidate words (every word
+    but the specials, which are words of their own) are shuffled and taken in that order while
+    the count of chosen tokens stays within ``round(mask_prob · non-special tokens)`` — a word
+    that would overflow it is skipped and the next tried, as BERT does. The 80/10/10 treatment is
+    then decided per token, as both reference implementations do: the whole word is always
+    predicted, but its pieces' inputs are drawn independently (a word may read ``[MASK]`` next to
+    a kept piece), which keeps exactly token-level MLM's proportions of ``[MASK]``, random and
+    kept inputs among the targets, and the same code for both.
+    """
 
     seq_len: int
     eos_id: int
@@ -90,6 +107,13 @@ class MaskedLM:
     doc_masking: bool = False
     name: str = "mlm"
     overlap: int = 0
+    word_table: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.word_table is not None:  # the specials stand alone, whatever the table says
+            table = np.array(self.word_table, dtype=np.uint8)
+            table[list(self.special_ids)] = WORD_ALONE | _SPECIAL
+            object.__setattr__(self, "word_table", table)
 
     @property
     def row_tokens(self) -> int:
@@ -97,7 +121,11 @@ class MaskedLM:
 
     def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
         tokens = window[: rows * self.seq_len].reshape(rows, self.seq_len)
-        chosen = (rng.random(tokens.shape) < self.mask_prob) & ~np.isin(tokens, self.special_ids)
+        if self.word_table is None:
+            chosen = (rng.random(tokens.shape) < self.mask_prob) & ~np.isin(tokens,
+                                                                             self.special_ids)
+        else:
+            chosen = self.whole_words(tokens, rng)
         action = rng.random(tokens.shape)  # < 0.8: [MASK]; < 0.9: random token; else keep
         inputs = np.where(chosen & (action < 0.8), self.mask_id, tokens)
         randomize = chosen & (action >= 0.8) & (action < 0.9)
@@ -107,6 +135,41 @@ class MaskedLM:
         if self.doc_masking:
             out["doc_ids"] = torch.from_numpy(doc_ids_of(tokens, self.eos_id))
         return out
+
+    def whole_words(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Bool (rows, T): the tokens of the whole words chosen in each row (class docstring)."""
+        rows, T = tokens.shape
+        flags = self.word_table[tokens.reshape(-1)]
+        starts = (flags & WORD_START) > 0
+        starts[1:] |= (flags[:-1] & WORD_END) > 0
+        starts[::T] = True  # words never cross rows
+        first = np.flatnonzero(starts)  # each word's first token
+        lengths = np.diff(first, append=tokens.size)
+        row = first // T
+        words = np.flatnonzero((flags[first] & _SPECIAL) == 0)  # the candidates
+        budget = np.rint(self.mask_prob * np.bincount(row[words], lengths[words], rows))
+        # Shuffle each row's candidates: sort by row, then by a random key.
+        words = words[np.argsort(row[words] + rng.random(len(words)), kind="stable")]
+        length, row = lengths[words], row[words]
+        left = budget[row]
+        taken = []
+        # BERT's greedy pass, vectorised: a word too long for what is left of its row's budget
+        # never fits later (the budget only shrinks); the others fit as long as the running sum
+        # of their lengths does. Each round takes at least one word in every row that has one
+        # that fits, and the first that overflows no longer fits the next round's budget.
+        while len(words):
+            total = np.cumsum(length)
+            before = total - length  # the lengths before each word, its row's and earlier rows'
+            row_start = np.flatnonzero(np.diff(row, prepend=-1))
+            before -= np.repeat(before[row_start], np.diff(row_start, append=len(row)))
+            fits = before + length <= left
+            taken.append(words[fits])
+            left = left - np.bincount(row[fits], length[fits], rows)[row]
+            alive = ~fits & (length <= left)
+            words, length, row, left = words[alive], length[alive], row[alive], left[alive]
+        chosen = np.zeros(len(first), dtype=bool)
+        chosen[np.concatenate(taken)] = True
+        return chosen[np.cumsum(starts) - 1].reshape(rows, T)
 
 
 def span_lengths(raw_len: int, noise_density: float, mean_span: float) -> tuple[int, int, int]:
@@ -199,9 +262,12 @@ class SpanCorruption:
 
 def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: bool = False,
                     mask_prob: float = 0.15, noise_density: float = 0.15,
-                    mean_span: float = 3.0) -> Objective:
+                    mean_span: float = 3.0, whole_word_masking: bool = False) -> Objective:
     """The objective ``name`` over ``tokenizer``'s ids; ConfigError when the tokenizer lacks a
-    token the objective needs (an older or foreign tokenizer without ``[MASK]`` or sentinels)."""
+    token the objective needs (an older or foreign tokenizer without ``[MASK]`` or sentinels),
+    or for whole-word masking outside ``mlm``."""
+    if whole_word_masking and name != "mlm":
+        raise ConfigError(f"data.whole_word_masking applies to data.objective=mlm, not {name}")
     if name == "clm":
         return CausalLM(seq_len, tokenizer.eos_id, doc_masking)
     if name == "mlm":
@@ -211,8 +277,17 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
         specials = tuple(i for i in (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id,
                                      tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id,
                                      tokenizer.mask_id) if i >= 0)
+        table = None
+        if whole_word_masking:
+            if not hasattr(tokenizer, "word_table"):
+                raise ConfigError(f"data.whole_word_masking: {tokenizer.path} cannot tell words "
+                                  "apart (it has no word table)")
+            table = tokenizer.word_table()
+            if len(table) != tokenizer.vocab_size:
+                raise ConfigError(f"{tokenizer.path}: a word table of {len(table)} ids for a "
+                                  f"vocabulary of {tokenizer.vocab_size}")
         return MaskedLM(seq_len, tokenizer.eos_id, tokenizer.mask_id, tokenizer.vocab_size,
-                        specials, mask_prob, doc_masking)
+                        specials, mask_prob, doc_masking, word_table=table)
     if name == "span":
         if not tokenizer.sentinel_ids:
             raise ConfigError(f"data.objective=span needs T5 sentinels (<extra_id_N>); "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,6 +38,11 @@ MIN_VOCAB = 256 + 5 + len(CONTROL_TOKENS)  # bytes, unk/bos/eos/pad/newline, con
 DEFAULT_MAX_SENTENCES = 300_000
 MAX_LINE_BYTES = 8192
 TOKENIZER_TYPES = ("bpe", "unigram", "char")
+# Word flags of a piece (``Tokenizer.word_table``), for whole-word masking.
+WORD_START = 1  # the piece begins a word wherever it stands (a leading space, a whitespace piece)
+WORD_END = 2  # the piece ends its word: the next piece begins one (whitespace, a special token)
+WORD_ALONE = WORD_START | WORD_END  # whitespace-only pieces and special tokens
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class Tokenizer:
@@ -98,6 +104,30 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; the inverse of :meth:`encode`."""
         return self._sp.decode([int(i) for i in ids])
+
+    def word_table(self) -> np.ndarray:
+        """(vocab_size,) uint8 ``WORD_START`` / ``WORD_END`` flags of every id (see
+        :func:`piece_word_flags`): pieces with a leading ``▁`` start words, whitespace pieces
+        (``▁▁``, ``"\\n"``, the byte ``<0x09>``) stand alone, control/unknown ids too; the other
+        byte pieces (UTF-8 lead and continuation bytes) continue, so a character is never split."""
+        sp = self._sp
+        return np.array([WORD_ALONE if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+                         else piece_word_flags(sp.id_to_piece(i), byte_fallback=sp.is_byte(i))
+                         for i in range(self.vocab_size)], dtype=np.uint8)
+
+
+def piece_word_flags(piece: str, space: str = "▁", byte_fallback: bool = False) -> int:
+    """The word flags of a piece whose ``space`` characters stand for spaces: ``WORD_START`` if
+    it begins with whitespace, ``WORD_END`` if it ends with whitespace (both: whitespace only);
+    a byte-fallback piece ``<0xNN>`` stands alone for an ASCII whitespace byte and continues
+    otherwise (a byte of a multi-byte character)."""
+    byte = _BYTE_PIECE.fullmatch(piece) if byte_fallback else None
+    if byte:
+        return WORD_ALONE if bytes([int(byte.group(1), 16)]).isspace() else 0
+    text = piece.replace(space, " ")
+    if not text:
+        return 0
+    return (WORD_START if text[0].isspace() else 0) | (WORD_END if text[-1].isspace() else 0)
 
 
 def find_tokenizer_file(path: Path) -> Path:

@@ -140,7 +140,8 @@ class Trainer:
                               "generate text; unset it")
         return build_objective(name, data.seq_len, self.tokenizer, doc_masking=data.doc_masking,
                                mask_prob=data.mask_prob, noise_density=data.noise_density,
-                               mean_span=data.mean_span)
+                               mean_span=data.mean_span,
+                               whole_word_masking=data.whole_word_masking)
 
     def _maybe_resume(self) -> str | None:
         """Load the checkpoint ``run.resume`` names; return the W&B run id it carries."""

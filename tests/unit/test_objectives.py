@@ -1,9 +1,12 @@
-"""Objectives: CLM shift and documents, BERT's 80/10/10 masking, T5's span corruption; and the
-stream resumes them exactly (their random draws are tied to the window, not to the run)."""
+"""Objectives: CLM shift and documents, BERT's 80/10/10 masking (token by token, or whole words on
+real tokenizations), T5's span corruption; and the stream resumes them exactly (their random draws
+are tied to the window, not to the run)."""
 
 from __future__ import annotations
 
+import hashlib
 from itertools import islice
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,12 +17,15 @@ from megatrain.data.manifest import Manifest
 from megatrain.data.objectives import (
     IGNORE,
     CausalLM,
+    MaskedLM,
     build_objective,
     doc_ids_of,
     raw_length_for,
     span_lengths,
 )
-from megatrain.data.stream import build_train_stream
+from megatrain.data.packing import Window
+from megatrain.data.stream import build_train_stream, window_batch
+from megatrain.data.tokenizer import WORD_END, WORD_START, Tokenizer, train_tokenizer
 from megatrain.errors import ConfigError
 
 EOS, MASK, VOCAB = 2, 6, 1000
@@ -123,10 +129,14 @@ def test_missing_special_tokens_are_config_errors() -> None:
         build_objective("prefix", 64, TOKENIZER)
 
 
-@pytest.mark.parametrize("name", ["mlm", "span"])
+@pytest.mark.parametrize("name", ["mlm", "mlm-wwm", "span"])
 def test_stream_resumes_random_objectives_exactly(prepared: Manifest, name: str) -> None:
-    tokenizer = SimpleNamespace(**{**vars(TOKENIZER), "eos_id": prepared.eos_id})
-    objective = build_objective(name, 32, tokenizer)
+    if name == "mlm-wwm":  # whole words need the corpus' real tokenizer
+        objective = build_objective("mlm", 32, Tokenizer.load(prepared.tokenizer_path),
+                                    whole_word_masking=True)
+    else:
+        tokenizer = SimpleNamespace(**{**vars(TOKENIZER), "eos_id": prepared.eos_id})
+        objective = build_objective(name, 32, tokenizer)
 
     def stream():
         return build_train_stream(prepared, seq_len=32, micro_batch_size=2, seed=7, rank=0,
@@ -141,3 +151,272 @@ def test_stream_resumes_random_objectives_exactly(prepared: Manifest, name: str)
     for a, b in zip(straight, head + tail, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(straight[0]["input_ids"], straight[1]["input_ids"])
+
+
+# --- whole-word masking on real tokenizations -----------------------------------------------------
+
+UNICODE_LINES = ("naïve café — 東京 🐍", "Ærøskøbing, Zürich: façade.", "Привет, мир!",
+                 "数据 と データ\t(tab)", "x🙂y 🐍🐍 «quoted»")
+
+
+@pytest.fixture(scope="module")
+def wwm_text(shakespeare_text: str) -> str:
+    """Shakespeare with a line of multi-byte words after every 7th line (byte-fallback pieces)."""
+    lines = []
+    for i, line in enumerate(shakespeare_text.splitlines()):
+        lines.append(line)
+        if i % 7 == 6:
+            lines.append(UNICODE_LINES[i // 7 % len(UNICODE_LINES)])
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram", "char"])
+def wwm_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  shakespeare_text: str) -> Tokenizer:
+    """A 512-piece tokenizer of each type trained on (ASCII) Shakespeare alone: the multi-byte
+    characters of the lines in between fall back to their UTF-8 bytes."""
+    model = tmp_path_factory.mktemp("wwm") / f"{request.param}.model"
+    return Tokenizer.load(train_tokenizer([shakespeare_text], model, 512,
+                                          model_type=request.param))
+
+
+@pytest.fixture(scope="module")
+def wwm_stream(wwm_tokenizer: Tokenizer, wwm_text: str) -> np.ndarray:
+    """The text's paragraphs as documents, each followed by EOS, as the stream packs them."""
+    docs = wwm_tokenizer.encode_batch(wwm_text.split("\n\n"))
+    return np.concatenate([np.append(d, wwm_tokenizer.eos_id) for d in docs]).astype(np.int64)
+
+
+def _word_starts(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Reference rule, token by token: a piece starts a word when its table says so, when the
+    piece before ends one, or when it is the first."""
+    return np.array([i == 0 or bool(table[t] & WORD_START) or bool(table[ids[i - 1]] & WORD_END)
+                     for i, t in enumerate(ids)])
+
+
+def _split_words(ids: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    return np.split(ids, np.flatnonzero(starts)[1:])
+
+
+def _is_continuation_byte(tokenizer: Tokenizer, token: int) -> bool:
+    piece = tokenizer._sp.id_to_piece(int(token))
+    return tokenizer._sp.is_byte(int(token)) and 0x80 <= int(piece[3:5], 16) < 0xC0
+
+
+def test_word_table_splits_real_text_into_its_whitespace_words(wwm_tokenizer: Tokenizer,
+                                                               wwm_text: str) -> None:
+    tok = wwm_tokenizer
+    table = tok.word_table()
+    assert table.shape == (tok.vocab_size,) and table.dtype == np.uint8
+    sample = wwm_text[:20_000]
+    ids = np.asarray(tok.encode(sample))
+    starts = _word_starts(table, ids)
+    words = [tok.decode(w) for w in _split_words(ids, starts)]
+    # Every word decodes on its own (no character's bytes split between two words) and is
+    # whitespace alone ("\n", a tab, spaces) or one whitespace-separated word of the text, with
+    # at most the one leading space of a "▁" piece.
+    assert "".join(words) == sample
+    assert [w.strip() for w in words if w.strip()] == sample.split()
+    assert all(w.isspace() or w.removeprefix(" ") == w.strip() for w in words)
+    assert not any(_is_continuation_byte(tok, t) for t in ids[starts])
+    assert sum(_is_continuation_byte(tok, t) for t in ids) > 500  # byte fallback was exercised
+    for special in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.cls_id, tok.sep_id,
+                    tok.mask_id, *tok.sentinel_ids):
+        assert table[special] == WORD_START | WORD_END
+
+
+def _chosen_of(objective: MaskedLM, window: np.ndarray, rows: int, seed: int):
+    batch = objective.batch(window, rows, np.random.default_rng(seed))
+    tokens = window[: rows * objective.seq_len].reshape(rows, objective.seq_len)
+    return tokens, batch["input_ids"].numpy(), batch["labels"].numpy()
+
+
+def test_whole_word_masking_chooses_whole_words_and_never_specials(
+        wwm_tokenizer: Tokenizer, wwm_stream: np.ndarray) -> None:
+    tok, T, rows = wwm_tokenizer, 128, 64
+    mlm = build_objective("mlm", T, tok, whole_word_masking=True)
+    specials = np.array([tok.unk_id, tok.bos_id, tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id])
+    table = tok.word_table()
+    words_seen = 0
+    for k in range(4):
+        window = wwm_stream[k * rows * T:(k + 1) * rows * T].copy()
+        rng = np.random.default_rng(k)  # specials strewn in, as padding and BERT's pairs bring
+        strewn = rng.random(window.size) < 0.02
+        window[strewn] = rng.choice(specials, strewn.sum())
+        tokens, inputs, labels = _chosen_of(mlm, window, rows, seed=k)
+        chosen = labels != IGNORE
+        assert not (chosen & np.isin(tokens, [*specials, tok.eos_id])).any()
+        assert (labels[chosen] == tokens[chosen]).all()
+        assert (inputs[~chosen] == tokens[~chosen]).all()
+        for r in range(rows):
+            starts = _word_starts(table, tokens[r])
+            for word in _split_words(np.arange(T), starts):
+                assert chosen[r, word].all() or not chosen[r, word].any(), tokens[r, word]
+                words_seen += chosen[r, word].all() and len(word) > 1
+            inside = starts.copy()  # word starts a character's bytes could straddle
+            inside[0] = False  # (not a row's start, nor after a special strewn in here)
+            inside[1:] &= ~np.isin(tokens[r, :-1], specials)
+            assert not any(_is_continuation_byte(tok, t) for t in tokens[r][inside])
+    assert words_seen > 500  # many words of several pieces were chosen, wholly
+
+
+@pytest.mark.parametrize("mask_prob", [0.15, 0.4])
+def test_whole_word_masking_fraction_and_80_10_10(wwm_tokenizer: Tokenizer,
+                                                  wwm_stream: np.ndarray, mask_prob: float) -> None:
+    tok, T, rows = wwm_tokenizer, 128, 64
+    mlm = build_objective("mlm", T, tok, mask_prob=mask_prob, whole_word_masking=True)
+    chosen_n = ordinary_n = masked_n = kept_n = random_n = 0
+    for k in range(len(wwm_stream) // (rows * T)):
+        tokens, inputs, labels = _chosen_of(mlm, wwm_stream[k * rows * T:], rows, seed=k)
+        chosen, ordinary = labels != IGNORE, tokens != tok.eos_id
+        budget = np.rint(mask_prob * ordinary.sum(1))
+        assert (chosen.sum(1) <= budget).all()  # whole words never overflow a row's budget
+        assert (chosen.sum(1) >= budget - 1).mean() > 0.95  # and nearly always fill it
+        chosen_n, ordinary_n = chosen_n + chosen.sum(), ordinary_n + ordinary.sum()
+        masked_n += (chosen & (inputs == tok.mask_id)).sum()
+        kept_n += (chosen & (inputs == tokens)).sum()
+        random_n += (chosen & (inputs != tokens) & (inputs != tok.mask_id)).sum()
+    assert chosen_n > 30_000
+    assert abs(chosen_n / ordinary_n - mask_prob) < 0.005
+    assert abs(masked_n / chosen_n - 0.8) < 0.01
+    assert abs(kept_n / chosen_n - 0.1) < 0.01  # (+0.1 / vocab: a random token = itself)
+    assert abs(random_n / chosen_n - 0.1) < 0.01
+
+
+def test_whole_word_masking_is_seeded_by_the_window_position(wwm_tokenizer: Tokenizer,
+                                                             wwm_stream: np.ndarray) -> None:
+    mlm = build_objective("mlm", 128, wwm_tokenizer, whole_word_masking=True)
+
+    def batch(start: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+        window = Window(wwm_stream[: 8 * 128].copy(), 8, start, [], [])
+        return window_batch(window, mlm, seed=7)
+
+    first, again = batch((0, 1, 40, 3)), batch((0, 1, 40, 3))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    for other in ((0, 1, 41, 3), (0, 2, 40, 3), (0, 1, 40, 4)):
+        assert not torch.equal(batch(other)["labels"], first["labels"])
+
+
+def test_specials_stand_alone_whatever_the_word_table() -> None:
+    """A table that marks no word starts at all (each row one word) still ends words at the
+    specials, and never chooses them: the words are the runs between EOS."""
+    table = np.zeros(VOCAB, dtype=np.uint8)
+    tokenizer = SimpleNamespace(**vars(TOKENIZER), word_table=lambda: table)
+    mlm = build_objective("mlm", 128, tokenizer, mask_prob=0.9, whole_word_masking=True)
+    tokens, _, labels = _chosen_of(mlm, _window(32 * 128, seed=5), 32, seed=0)
+    chosen = labels != IGNORE
+    assert chosen.any() and not (chosen & (tokens == EOS)).any()
+    for r in range(32):
+        runs = np.split(np.arange(128), np.flatnonzero(tokens[r] == EOS))
+        for run in runs:  # each run: an EOS (the first excepted) then a word
+            word = run[1:] if tokens[r, run[0]] == EOS else run
+            assert chosen[r, word].all() or not chosen[r, word].any()
+
+
+# The token-level batch before whole-word masking existed: sha256 of this test's batch, taken from
+# the code as it was (a numpy whose Generator streams changed would change it too).
+TOKEN_LEVEL_DIGEST = "11f8b2502515982c4aabf51f439a0d12dcb2e441e3de42127974994104455a24"
+
+
+def _token_level_reference(tokens: np.ndarray, rng: np.random.Generator, mask_prob: float,
+                           specials: tuple[int, ...], mask_id: int, vocab: int):
+    """Token-level MLM as it was written before whole-word masking."""
+    chosen = (rng.random(tokens.shape) < mask_prob) & ~np.isin(tokens, specials)
+    action = rng.random(tokens.shape)
+    inputs = np.where(chosen & (action < 0.8), mask_id, tokens)
+    randomize = chosen & (action >= 0.8) & (action < 0.9)
+    inputs = np.where(randomize, rng.integers(0, vocab, tokens.shape), inputs)
+    return inputs, np.where(chosen, tokens, IGNORE)
+
+
+def test_token_level_mlm_is_unchanged_without_whole_words(wwm_tokenizer: Tokenizer,
+                                                          wwm_stream: np.ndarray) -> None:
+    mlm = build_objective("mlm", 128, TOKENIZER, doc_masking=True, whole_word_masking=False)
+    assert mlm.word_table is None
+    batch = mlm.batch(_window(8 * 128), 8, np.random.default_rng(1))
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        digest.update(key.encode())
+        digest.update(batch[key].numpy().tobytes())
+    assert digest.hexdigest() == TOKEN_LEVEL_DIGEST
+    real = build_objective("mlm", 128, wwm_tokenizer)
+    for seed in range(3):
+        inputs, labels = _token_level_reference(
+            wwm_stream[: 16 * 128].reshape(16, 128), np.random.default_rng(seed), 0.15,
+            real.special_ids, wwm_tokenizer.mask_id, wwm_tokenizer.vocab_size)
+        got = real.batch(wwm_stream, 16, np.random.default_rng(seed))
+        assert (got["input_ids"].numpy() == inputs).all()
+        assert (got["labels"].numpy() == labels).all()
+
+
+def test_whole_word_masking_is_mlm_only_and_read_from_the_config(tokenizer_model: Path) -> None:
+    from hydra import compose, initialize_config_module
+
+    from megatrain.config import register_configs
+    from megatrain.models.registry import get_model_spec
+    from megatrain.training.trainer import Trainer
+
+    for name in ("clm", "span"):
+        with pytest.raises(ConfigError, match="whole_word_masking applies to data.objective=mlm"):
+            build_objective(name, 64, TOKENIZER, whole_word_masking=True)
+    with pytest.raises(ConfigError, match="cannot tell words apart"):
+        build_objective("mlm", 64, TOKENIZER, whole_word_masking=True)
+
+    def objective(*overrides: str):
+        register_configs()
+        with initialize_config_module("megatrain.configs", version_base=None):
+            cfg = compose("config", overrides=list(overrides))
+        trainer = SimpleNamespace(cfg=cfg, spec=get_model_spec(cfg.model.family),
+                                  tokenizer=Tokenizer.load(tokenizer_model))
+        return Trainer._build_objective(trainer)
+
+    assert objective("model=bert-tiny").word_table is None  # off by default
+    wwm = objective("model=bert-tiny", "data.whole_word_masking=true")
+    assert isinstance(wwm, MaskedLM) and wwm.word_table is not None
+    with pytest.raises(ConfigError, match="whole_word_masking applies to data.objective=mlm"):
+        objective("model=gpt2-tiny", "data.whole_word_masking=true")
+
+
+def test_hugging_face_word_tables(wwm_text: str, tmp_path: Path) -> None:
+    """A converted megatrain tokenizer has the SentencePiece table; a byte-level (GPT-2 ``Ġ``)
+    tokenizer splits text at its whitespace; a WordPiece one at its pre-tokenizer's words."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    from megatrain.models.hf.tokenizer import save_hf_tokenizer
+
+    sp = Tokenizer.load(train_tokenizer([wwm_text], tmp_path / "sp.model", 512))
+    (tmp_path / "converted").mkdir()
+    save_hf_tokenizer(sp.path, tmp_path / "converted")
+    converted = Tokenizer.load(tmp_path / "converted" / "tokenizer.json")
+    assert type(converted) is not Tokenizer
+    assert np.array_equal(converted.word_table(), sp.word_table())
+
+    sample = wwm_text[:20_000]
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator([wwm_text], tokenizers.trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<mask>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tmp_path / "byte_level.json"))
+    tok = Tokenizer.load(tmp_path / "byte_level.json")
+    table = tok.word_table()
+    assert table[tok.eos_id] == table[tok.mask_id] == WORD_START | WORD_END
+    ids = np.asarray(tok.encode(sample))
+    words = [tok.decode(w) for w in _split_words(ids, _word_starts(table, ids))]
+    assert "".join(words) == sample
+    assert [w.strip() for w in words if w.strip()] == sample.split()
+
+    wordpiece = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = tokenizers.normalizers.BertNormalizer()
+    wordpiece.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator([wwm_text], tokenizers.trainers.WordPieceTrainer(
+        vocab_size=2000, show_progress=False,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    wordpiece.save(str(tmp_path / "wordpiece.json"))
+    tok = Tokenizer.load(tmp_path / "wordpiece.json")
+    encoding = wordpiece.encode(sample)
+    ids = np.asarray(encoding.ids)
+    starts = _word_starts(tok.word_table(), ids)
+    assert (np.asarray(encoding.word_ids)[starts] == np.arange(starts.sum())).all()
+    assert len(set(encoding.word_ids)) == starts.sum()
