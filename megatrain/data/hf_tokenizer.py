@@ -100,8 +100,12 @@ class HFTokenizer(Tokenizer):
         elif _find_type(pipeline, "ByteLevel") is not None:
             flags = lambda piece: piece_word_flags(_byte_level_text(piece))
         else:
-            space = (_find_type(pipeline, "Metaspace") or {}).get("replacement", "▁")
+            space = _space_marker(spec, pipeline)
             fallback = bool(model.get("byte_fallback"))
+            if space is None:
+                raise ConfigError(f"data.whole_word_masking: {self.path}'s pieces do not mark word "
+                                  "boundaries (no WordPiece '##', byte-level 'Ġ' or SentencePiece "
+                                  "'▁'); use token-level masking with this tokenizer")
             flags = lambda piece: piece_word_flags(piece, space, fallback)
         table = np.full(self.vocab_size, WORD_ALONE, dtype=np.uint8)
         for piece, i in self._hf.get_vocab(with_added_tokens=False).items():
@@ -110,6 +114,19 @@ class HFTokenizer(Tokenizer):
             table[added["id"]] = (WORD_ALONE if added.get("special")
                                   else piece_word_flags(added["content"]))
         return table
+
+
+def _space_marker(spec: dict[str, Any], pipeline: list[Any]) -> str | None:
+    """The character that stands for a space in the pieces: Metaspace's replacement, or what a
+    normalizer replaces spaces with (SentencePiece conversions); None when spaces leave no mark
+    (e.g. a ``Whitespace`` pre-tokenizer drops them)."""
+    metaspace = _find_type(pipeline, "Metaspace")
+    if metaspace is not None:
+        return metaspace.get("replacement", "▁")
+    replace = _find_type(spec.get("normalizer"), "Replace")
+    if replace is not None and (replace.get("pattern") or {}).get("String") == " ":
+        return replace.get("content") or None
+    return None
 
 
 def _byte_level_text(piece: str) -> str:

@@ -147,7 +147,9 @@ class MaskedLM:
         lengths = np.diff(first, append=tokens.size)
         row = first // T
         words = np.flatnonzero((flags[first] & _SPECIAL) == 0)  # the candidates
-        budget = np.rint(self.mask_prob * np.bincount(row[words], lengths[words], rows))
+        # At least one token per row, as BERT and Hugging Face's whole-word collator do.
+        budget = np.maximum(1, np.rint(self.mask_prob * np.bincount(row[words], lengths[words],
+                                                                     rows)))
         # Shuffle each row's candidates: sort by row, then by a random key.
         words = words[np.argsort(row[words] + rng.random(len(words)), kind="stable")]
         length, row = lengths[words], row[words]
@@ -168,7 +170,8 @@ class MaskedLM:
             alive = ~fits & (length <= left)
             words, length, row, left = words[alive], length[alive], row[alive], left[alive]
         chosen = np.zeros(len(first), dtype=bool)
-        chosen[np.concatenate(taken)] = True
+        if taken:  # no candidate at all: a batch of specials only, or none
+            chosen[np.concatenate(taken)] = True
         return chosen[np.cumsum(starts) - 1].reshape(rows, T)
 
 
@@ -286,6 +289,11 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
             if len(table) != tokenizer.vocab_size:
                 raise ConfigError(f"{tokenizer.path}: a word table of {len(table)} ids for a "
                                   f"vocabulary of {tokenizer.vocab_size}")
+            ordinary = np.setdiff1d(np.arange(len(table)), specials)
+            if not (table[ordinary] & WORD_START).any():
+                raise ConfigError(f"data.whole_word_masking: no piece of {tokenizer.path} starts "
+                                  "a word, so every row would be one word; use token-level "
+                                  "masking with this tokenizer")
         return MaskedLM(seq_len, tokenizer.eos_id, tokenizer.mask_id, tokenizer.vocab_size,
                         specials, mask_prob, doc_masking, word_table=table)
     if name == "span":

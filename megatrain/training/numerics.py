@@ -79,12 +79,15 @@ class StepGuard:
         else:
             mean = loss_sum / self.world_size
             verdict = Verdict(mean, spike=self._is_spike(mean))
-        self._count(verdict, step)
         return verdict
 
-    def count_skipped(self, step: int) -> None:
-        """A step DeepSpeed skipped itself (its own gradient check): bad, as a skip of ours."""
-        self._count(Verdict(math.nan, skip=True), step)
+    def settle(self, verdict: Verdict, step: int) -> None:
+        """Record the step's final verdict, after the update: ``check``'s, or a skip DeepSpeed's
+        own gradient check made in between. A good step's loss joins the spike history; bad
+        steps in a row past ``max_bad_steps`` raise Diverged."""
+        if not verdict.skip and not verdict.spike:
+            self.history.append(verdict.loss)
+        self._count(verdict, step)
 
     def _is_spike(self, loss: float) -> bool:
         spike = False
@@ -92,8 +95,6 @@ class StepGuard:
             mean = sum(self.history) / len(self.history)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
             spike = loss > mean and (loss - mean) > self.zscore * max(std, 1e-6)
-        if not spike:
-            self.history.append(loss)
         return spike
 
     def _count(self, verdict: Verdict, step: int) -> None:

@@ -212,12 +212,14 @@ class Trainer:
                 armed = self.optimizer.skip_next
             self.engine.step()
             self.optimizer.skip_next = False
-            if micro == accum - 1 and not armed and not self.engine.was_step_applied():
+            if micro == accum - 1 and not armed and self._deepspeed_skipped_it():
                 verdict = self._deepspeed_skipped(self.progress.step + 1)
             tokens = batch["input_ids"].numel() * self.world.world_size  # a shape: no sync
             self.throughput.add(tokens)
             self.progress.tokens_seen += tokens
         self.progress.step += 1
+        if self.guard is not None:
+            self.guard.settle(verdict, self.progress.step)
         keys, epochs = self.stream.pop_trace()  # host lists the loader handed over: no sync
         if self.trace:
             self.trace.write(self.progress.step, keys, epochs)
@@ -251,14 +253,16 @@ class Trainer:
                                                     and self.guard.policy == "rollback")
         return verdict
 
+    def _deepspeed_skipped_it(self) -> bool:
+        """Whether DeepSpeed skipped the update it was just asked for on every rank: its global
+        gradient check found a NaN or inf (ZeRO 1-3, bf16). fp16's loss-scaler overflows are
+        routine and DeepSpeed's own business (it logs them and lowers the scale)."""
+        return self.precision != "fp16" and not self.engine.was_step_applied()
+
     def _deepspeed_skipped(self, step: int) -> Verdict:
-        """DeepSpeed skipped the update on every rank itself: its global gradient check found a
-        NaN or inf (ZeRO 1-3, bf16), or fp16's loss scaler overflowed (routine, not bad)."""
+        """Count and say that DeepSpeed skipped this step for non-finite gradients."""
         self.progress.skipped_steps += 1
-        if self.precision != "fp16":
-            log.warning("step %d: non-finite gradient norm: the update is skipped on all", step)
-            if self.guard is not None:
-                self.guard.count_skipped(step)
+        log.warning("step %d: non-finite gradient norm: the update is skipped on all", step)
         return Verdict(math.nan, skip=True)
 
     def _rollback(self, loss: float) -> None:

@@ -4,6 +4,7 @@ are tied to the window, not to the run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from itertools import islice
 from pathlib import Path
@@ -302,7 +303,10 @@ def test_specials_stand_alone_whatever_the_word_table() -> None:
     specials, and never chooses them: the words are the runs between EOS."""
     table = np.zeros(VOCAB, dtype=np.uint8)
     tokenizer = SimpleNamespace(**vars(TOKENIZER), word_table=lambda: table)
-    mlm = build_objective("mlm", 128, tokenizer, mask_prob=0.9, whole_word_masking=True)
+    with pytest.raises(ConfigError, match="no piece of .* starts a word"):  # refused when built
+        build_objective("mlm", 128, tokenizer, whole_word_masking=True)
+    mlm = dataclasses.replace(build_objective("mlm", 128, TOKENIZER, mask_prob=0.9),
+                              word_table=table)
     tokens, _, labels = _chosen_of(mlm, _window(32 * 128, seed=5), 32, seed=0)
     chosen = labels != IGNORE
     assert chosen.any() and not (chosen & (tokens == EOS)).any()
@@ -420,3 +424,30 @@ def test_hugging_face_word_tables(wwm_text: str, tmp_path: Path) -> None:
     starts = _word_starts(tok.word_table(), ids)
     assert (np.asarray(encoding.word_ids)[starts] == np.arange(starts.sum())).all()
     assert len(set(encoding.word_ids)) == starts.sum()
+
+
+def test_a_batch_without_candidate_words_masks_nothing() -> None:
+    """Rows of specials only (or no rows): nothing to choose, and no error."""
+    table = np.full(VOCAB, WORD_START, dtype=np.uint8)
+    tokenizer = SimpleNamespace(**vars(TOKENIZER), word_table=lambda: table)
+    mlm = build_objective("mlm", 16, tokenizer, whole_word_masking=True)
+    only_eos = np.full(2 * 16, EOS, dtype=np.int64)
+    labels = mlm.batch(only_eos, 2, np.random.default_rng(0))["labels"]
+    assert (labels == IGNORE).all()
+    assert mlm.batch(only_eos[:0], 0, np.random.default_rng(0))["labels"].numel() == 0
+
+
+def test_a_tokenizer_whose_pieces_carry_no_spaces_is_refused(wwm_text: str,
+                                                              tmp_path: Path) -> None:
+    """BPE behind a ``Whitespace`` pre-tokenizer drops the spaces: no piece says where a word
+    starts, so whole-word masking would find one word per row and mask nothing."""
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([wwm_text[:20_000]], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>", "[MASK]"], show_progress=False))
+    bpe.save(str(tmp_path / "whitespace.json"))
+    tok = Tokenizer.load(tmp_path / "whitespace.json")
+    with pytest.raises(ConfigError, match="do not mark word boundaries"):
+        build_objective("mlm", 64, tok, whole_word_masking=True)
+    build_objective("mlm", 64, tok)  # token-level masking is fine
