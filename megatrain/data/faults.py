@@ -86,7 +86,7 @@ def _sample_tokens(parts: dict[str, memoryview], where: str, errors: list[str]) 
         return None
     try:
         return npy_tokens(parts["tokens.npy"])
-    except (ValueError, EOFError, SyntaxError) as exc:
+    except ValueError as exc:
         errors.append(f"{where}: {exc}")
         return None
 

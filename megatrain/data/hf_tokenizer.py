@@ -38,6 +38,7 @@ class HFTokenizer(Tokenizer):
         # Tokenizer.__init__ reads a SentencePiece processor; this adapter sets the same fields.
         self._hf = backend
         self.path = path
+        self.roles = roles  # role -> token string ("eos" -> "</s>"), as the export names them
         vocab = backend.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(vocab.values()) + 1
         ids = {role: vocab.get(token, -1) for role, token in roles.items()}
@@ -98,7 +99,10 @@ class HFTokenizer(Tokenizer):
             prefix = model.get("continuing_subword_prefix") or "##"
             flags = lambda piece: 0 if piece.startswith(prefix) else WORD_START
         elif _find_type(pipeline, "ByteLevel") is not None:
-            flags = lambda piece: piece_word_flags(_byte_level_text(piece))
+            from tokenizers.decoders import ByteLevel  # the text a piece's bytes stand for
+
+            byte_level = ByteLevel()
+            flags = lambda piece: piece_word_flags(byte_level.decode([piece]))
         else:
             space = _space_marker(spec, pipeline)
             fallback = bool(model.get("byte_fallback"))
@@ -127,23 +131,6 @@ def _space_marker(spec: dict[str, Any], pipeline: list[Any]) -> str | None:
     if replace is not None and (replace.get("pattern") or {}).get("String") == " ":
         return replace.get("content") or None
     return None
-
-
-def _byte_level_text(piece: str) -> str:
-    """The text a byte-level piece stands for (a partial UTF-8 character as U+FFFD)."""
-    raw = bytes(_BYTE_OF[c] if c in _BYTE_OF else ord("?") for c in piece)
-    return raw.decode("utf-8", errors="replace")
-
-
-def _gpt2_byte_alphabet() -> dict[str, int]:
-    """The character → byte map of byte-level BPE (GPT-2's ``bytes_to_unicode``, inverted)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
-
-
-_BYTE_OF = _gpt2_byte_alphabet()
 
 
 def _find_type(node: Any, name: str) -> dict[str, Any] | None:

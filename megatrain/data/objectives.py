@@ -286,9 +286,6 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
                 raise ConfigError(f"data.whole_word_masking: {tokenizer.path} cannot tell words "
                                   "apart (it has no word table)")
             table = tokenizer.word_table()
-            if len(table) != tokenizer.vocab_size:
-                raise ConfigError(f"{tokenizer.path}: a word table of {len(table)} ids for a "
-                                  f"vocabulary of {tokenizer.vocab_size}")
             ordinary = np.setdiff1d(np.arange(len(table)), specials)
             if not (table[ordinary] & WORD_START).any():
                 raise ConfigError(f"data.whole_word_masking: no piece of {tokenizer.path} starts "

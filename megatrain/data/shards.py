@@ -162,7 +162,7 @@ def shard_token_counts(path: Path, vocab_size: int) -> np.ndarray:
     for key, parts in samples:
         try:
             tokens = npy_tokens(parts["tokens.npy"])
-        except (KeyError, ValueError, EOFError, SyntaxError) as exc:
+        except (KeyError, ValueError) as exc:
             raise DataError(f"{path.name}:{key}: unreadable tokens.npy ({exc!r})") from exc
         counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
     return counts

@@ -98,10 +98,13 @@ def tar_samples(data: bytes) -> tuple[list[tuple[str, dict[str, memoryview]]], s
 def npy_tokens(data: memoryview) -> np.ndarray:
     """A 1-d little-endian uint16/uint32 ``.npy`` as a zero-copy view; ValueError otherwise."""
     f = io.BytesIO(data)
-    version = np.lib.format.read_magic(f)
-    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-              else np.lib.format.read_array_header_2_0)
-    shape, _fortran, dtype = reader(f)
+    try:
+        version = np.lib.format.read_magic(f)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _fortran, dtype = reader(f)
+    except (EOFError, SyntaxError) as exc:  # a cut or garbled header: numpy's own exceptions
+        raise ValueError(f"unreadable .npy header ({exc})") from exc
     if len(shape) != 1 or dtype not in TOKEN_DTYPES:
         raise ValueError(f"tokens are {dtype}{list(shape)}, expected 1-d uint16/uint32")
     start = f.tell()

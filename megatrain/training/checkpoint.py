@@ -88,7 +88,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: d
         torch.save(rank_state, tmp / f"rank{rank}.pt")
         if rank == 0:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            _copy_tokenizer(tokenizer_path, tmp)
+            copy_tokenizer(tokenizer_path, tmp)
         failure = None
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         free_mb = shutil.disk_usage(root).free / 2**20
@@ -103,7 +103,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: d
     return root / tag
 
 
-def _copy_tokenizer(path: Path, ckpt: Path) -> None:
+def copy_tokenizer(path: Path, ckpt: Path) -> None:
     """The corpus tokenizer as ``tokenizer.model`` (whatever it is), and for a Hugging Face
     tokenizer.json the tokenizer_config.json beside it, which names its special-token roles."""
     shutil.copyfile(path, ckpt / "tokenizer.model")

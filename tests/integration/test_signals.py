@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megatrain.errors import EXIT_REQUEUE
 from tests.integration.helpers import (
     REPO,
     TINY,
-    _free_port,
     env_for_tests,
     last_step,
     losses,
+    module_command,
     train,
 )
 
@@ -29,11 +29,8 @@ STEPS = ("trainer.max_steps=150", "trainer.log_every=1", "trainer.save_every=100
 
 def _start(run_dir: Path, data_dir: Path, nproc: int) -> subprocess.Popen[str]:
     args = [*TINY, f"data.train={data_dir}", f"run.dir={run_dir}", *STEPS]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                 f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable])
-    return subprocess.Popen([*launcher, "-m", "megatrain.train", *args], cwd=REPO,
-                            env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(module_command("train", args, nproc), cwd=REPO, env=env_for_tests(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> None:
@@ -46,9 +43,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> Non
 
 
 def _rank_pids(torchrun_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True,
-                         check=False)
-    return sorted(int(pid) for pid in out.stdout.split())
+    return sorted(child.pid for child in psutil.Process(torchrun_pid).children())
 
 
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])

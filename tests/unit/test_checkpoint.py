@@ -117,4 +117,4 @@ def test_a_checkpoint_keeps_its_tokenizer_and_a_tokenizer_json_its_roles(tmp_pat
                            tokenizer, keep_last=2)
     assert (ckpt / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
     assert (ckpt / "tokenizer_config.json").exists() == (kind == "tokenizer.json")
-    verify_checkpoint(ckpt)  # the manifest covers it
+    assert verify_checkpoint(ckpt) is None  # the manifest covers it

@@ -192,3 +192,20 @@ def test_generation_stops_when_every_row_hit_eos() -> None:
     out = generate(model, torch.zeros(2, 3, dtype=torch.long), 6, temperature=0.0, eos_id=eos)
     assert out[:, 3:].tolist() == [[1, eos, eos, eos], [2, 2, 2, eos]]  # stopped after 4 of 6
     assert model.training  # mode restored
+
+
+@pytest.mark.parametrize("hidden_dropout", [False, True])
+def test_gated_mlp_drops_the_hidden_state_only_when_asked(hidden_dropout: bool) -> None:
+    """Llama's SwiGLU drops only its output; T5's gated GELU also its hidden state."""
+    from megatrain.models.common.layers import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(8, 16, dropout=0.5, hidden_dropout=hidden_dropout).train()
+    x = torch.randn(4, 8)
+    torch.manual_seed(1)
+    got = mlp(x)
+    torch.manual_seed(1)
+    h = torch.nn.functional.silu(mlp.gate(x)) * mlp.fc(x)
+    if hidden_dropout:
+        h = torch.nn.functional.dropout(h, 0.5)
+    torch.testing.assert_close(got, torch.nn.functional.dropout(mlp.proj(h), 0.5))

@@ -26,14 +26,14 @@ class TransformerConfig:
     max_seq_len: int
 
 
-class ModelConfig(Protocol):
+class _BuildableConfig(Protocol):
     """The fields of a family's config that the base reads."""
 
     attn_impl: str
     max_seq_len: int
 
 
-ConfigT = TypeVar("ConfigT", bound=ModelConfig)
+ConfigT = TypeVar("ConfigT", bound=_BuildableConfig)
 
 
 class ModelBase(nn.Module, Generic[ConfigT]):

@@ -54,21 +54,22 @@ GATES = {"silu": F.silu, "gelu_tanh": _gelu_tanh}
 
 class GatedMLP(nn.Module):
     """proj(act(gate(x)) · fc(x)), no biases: SwiGLU (``"silu"``, Llama) or gated GELU
-    (``"gelu_tanh"``, T5 v1.1: HF's wi_0, wi_1, wo). Dropout on the gated hidden state (as T5)
-    and on the output."""
+    (``"gelu_tanh"``, T5 v1.1: HF's wi_0, wi_1, wo). Dropout on the output, and with
+    ``hidden_dropout`` also on the gated hidden state (T5 has both; Llama only the output's)."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0,
-                 activation: str = "silu") -> None:
+                 activation: str = "silu", hidden_dropout: bool = False) -> None:
         super().__init__()
         self.gate = nn.Linear(d_model, d_ff, bias=False)
         self.fc = nn.Linear(d_model, d_ff, bias=False)
         self.proj = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
+        self.hidden_dropout = hidden_dropout
         self.act = GATES[activation]
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.gate(x)) * self.fc(x)  # (B, T, ff)
-        return self.dropout(self.proj(self.dropout(h)))
+        return self.dropout(self.proj(self.dropout(h) if self.hidden_dropout else h))
 
 
 class Block(nn.Module):

@@ -193,18 +193,15 @@ def _isolate_unmatched_characters(proto: Any) -> Any:
 def _given_hf_tokenizer(path: Path) -> tuple[Any, dict[str, Any]]:
     """The ``tokenizers.Tokenizer`` of ``path`` and the special tokens megatrain assigns it
     (from a ``tokenizer_config.json`` beside it, else the usual spellings)."""
-    from megatrain.data.hf_tokenizer import CONFIG_FILE, HFTokenizer, special_roles
+    from megatrain.data.hf_tokenizer import CONFIG_FILE, HFTokenizer
 
     hf = HFTokenizer.from_file(path)
     backend = hf._hf
-    vocab = backend.get_vocab(with_added_tokens=True)
-    config_file = path.parent / CONFIG_FILE
-    roles = special_roles(vocab, config_file)
-    specials: dict[str, Any] = {f"{role}_token": token for role, token in roles.items()}
-    id_to_token = {i: t for t, i in vocab.items()}
-    sentinels = [id_to_token[i] for i in hf.sentinel_ids]
+    specials: dict[str, Any] = {f"{role}_token": token for role, token in hf.roles.items()}
+    sentinels = [backend.id_to_token(i) for i in hf.sentinel_ids]
     if sentinels:
         specials["additional_special_tokens"] = sentinels
+    config_file = path.parent / CONFIG_FILE
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))  # valid: roles read it
         specials.update({k: config[k] for k in _KEPT_CONFIG if config.get(k) is not None})

@@ -92,7 +92,8 @@ class DecoderBlock(nn.Module):
         self.cross_attn = CrossAttention(d, config.n_heads, attn_impl, config.dropout, bias=False,
                                          head_dim=config.head_dim, scale=1.0)
         self.ln_3 = RMSNorm(d, eps)
-        self.mlp = GatedMLP(d, config.d_ff, config.dropout, activation="gelu_tanh")
+        self.mlp = GatedMLP(d, config.d_ff, config.dropout, activation="gelu_tanh",
+                           hidden_dropout=True)
 
     def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None,
                 memory_mask: AttnMask | None = None) -> Tensor:
@@ -111,7 +112,8 @@ def _encoder_block(config: T5Config, attn_impl: str) -> Block:
     d, eps = config.d_model, config.norm_eps
     attn = _self_attention(config, attn_impl, causal=False)
     return Block(RMSNorm(d, eps), attn, RMSNorm(d, eps),
-                 GatedMLP(d, config.d_ff, config.dropout, activation="gelu_tanh"))
+                 GatedMLP(d, config.d_ff, config.dropout, activation="gelu_tanh",
+                           hidden_dropout=True))
 
 
 class T5Stack(nn.Module):
