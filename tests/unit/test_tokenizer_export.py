@@ -45,6 +45,14 @@ EXTRA = [
     "",
 ]
 
+# Text that spells SentencePiece byte pieces, whole, run together, inside words, in other cases
+# and half-written: all of it is plain text to SentencePiece.
+BYTE_PIECE_LOOKALIKES = [
+    "<0x41>", "x = '<0x0A>'  # <0xE6><0x9D>\n", "<<0x41>>", "<0x41><0x42><0x43>",
+    "a<0x41>b", "\t<0x09> <0x20>\n<0x0A>", "<0xe6> <0xZZ> <0x100> <0x4> 0x41> <0x41",
+    "\u2581<0x41>\u2581", "<0x00>", "print('<0xFF>')",
+]
+
 
 def _lines(path: Path) -> list[str]:
     """The non-blank lines of a shared data file, without wikitext's literal ``<unk>`` (which
@@ -152,7 +160,7 @@ def test_byte_pieces_spelled_out_in_code_stay_text(model_type: str, tmp_path: Pa
                                           model_type=model_type, max_sentences=5_000))
     assert all(not ours._sp.id_to_piece(i).startswith("<0x") for i in ours.encode("<0x41>"))
     hf = _export(ours.path, tmp_path / "hf")
-    _assert_same_ids(hf, ours, ["<0x41>", "x = '<0x0A>'  # <0xE6><0x9D>\n", "<<0x41>>", *texts[:5]])
+    _assert_same_ids(hf, ours, [*BYTE_PIECE_LOOKALIKES, *texts[:5]])
 
 
 # --- a corpus prepared with a Hugging Face tokenizer.json -------------------------------------

@@ -6,13 +6,17 @@ behaviour for megatrain's tokenizers (byte fallback, no dummy prefix, identity n
 ``AutoTokenizer.from_pretrained(dir).encode(text, add_special_tokens=False)`` gives the ids
 megatrain trained on:
 
-- ``bpe``: ``tokenizers``' BPE with merges derived from the pieces (transformers'
-  SentencePiece extraction).
+- ``bpe``: ``tokenizers``' BPE with merges ranked by the pieces' scores and ``ignore_merges``
+  off: a word is only ever built by merges, as SentencePiece builds it.
 - ``unigram``: ``tokenizers``' Unigram with the pieces' scores: the same Viterbi search. Pieces
   SentencePiece never matches in text (unk, control, the byte pieces ``<0x41>``) get a score no
   segmentation prefers, and characters found in no normal piece are split off by the
   pre-tokenizer, so text that spells a byte piece encodes as in SentencePiece.
 - ``char``: the same Unigram, whose normal pieces are all single characters.
+
+The pipeline is built from the model's pieces and settings with ``tokenizers`` alone (not with
+transformers' converter, whose choices change between releases); ``transformers`` only wraps and
+saves it.
 
 A Hugging Face ``tokenizer.json`` (a corpus prepared with ``--tokenizer tokenizer.json``) is
 saved with its pipeline unchanged and the special-token roles megatrain reads from it, as the
@@ -40,6 +44,7 @@ from megatrain.models.hf import import_transformers
 _UNIGRAM, _BPE, _WORD, _CHAR = 1, 2, 3, 4
 _MODEL_TYPES = {_UNIGRAM: "unigram", _BPE: "bpe", _WORD: "word", _CHAR: "char"}
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_SPACE = "\u2581"  # SentencePiece's escaped space, "▁"
 
 _ROLES = {"[CLS]": "cls_token", "[SEP]": "sep_token", "[MASK]": "mask_token"}
 # tokenizer_config.json settings of a given Hugging Face tokenizer that carry over unchanged.
@@ -118,33 +123,80 @@ def _check_normalizer(spm_path: Path, proto: Any) -> None:
 
 
 def _fast_tokenizer(spm_path: Path) -> tuple[Any, dict[str, Any]]:
-    """The ``tokenizers.Tokenizer`` and its special tokens, built with transformers'
-    SentencePiece extraction (vocabulary and BPE merges, or unigram scores)."""
-    import_transformers()
-    from tokenizers import AddedToken
-    from tokenizers.models import BPE
-    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+    """The ``tokenizers.Tokenizer`` and its special tokens, built from the SentencePiece model's
+    own pieces, scores and settings with ``tokenizers`` alone.
 
-    extractor = SentencePieceExtractor(str(spm_path))
-    proto = extractor.proto
+    Not with transformers' converter (``SpmConverter.build_tokenizer_from_spm_proto``): its
+    choices move between releases (5.24 turned on BPE's ``ignore_merges``, so text spelling a
+    byte piece became that piece), and our ids must not depend on the user's transformers.
+    """
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE, Unigram
+
+    proto = _read_proto(spm_path)
     model_type = proto.trainer_spec.model_type
     if model_type not in (_BPE, _UNIGRAM, _CHAR):
         raise ConfigError(f"{spm_path}: a SentencePiece {_MODEL_TYPES.get(model_type, '?')} "
                           "model does not convert to Hugging Face's format (bpe, unigram and char "
                           "models do)")
     _check_normalizer(spm_path, proto)
+    spec = proto.trainer_spec
     if model_type == _BPE:
-        bpe = extractor.extract(BPE)
-        tok = SpmConverter.build_tokenizer_from_spm_proto(proto, bpe["vocab"], bpe["merges"])
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        # ignore_merges=False: a word is built by merges only, never looked up whole (a byte
+        # piece such as "<0x41>" is in the vocabulary but no merge makes it, as in SentencePiece).
+        tok = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(proto), unk_token=spec.unk_piece,
+                            fuse_unk=True, byte_fallback=spec.byte_fallback, dropout=None,
+                            ignore_merges=False))
     else:
-        tok = SpmConverter.build_tokenizer_from_spm_proto(proto, _unigram_vocab(proto))
+        tok = Tokenizer(Unigram(_unigram_vocab(proto), unk_id=spec.unk_id,
+                                byte_fallback=spec.byte_fallback))
         tok.pre_tokenizer = _isolate_unmatched_characters(proto)
+    tok.normalizer, tok.decoder = _whitespace_pipeline(proto)
+    # SentencePiece emits user-defined pieces ("\n") whole wherever they occur, and control
+    # pieces never come from text: both are added tokens, matched before the model.
     tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
                     for p in proto.pieces if p.type in (_CONTROL, _USER_DEFINED)])
     specials = _special_tokens(proto)
     named = [t for k, t in specials.items() if k != "additional_special_tokens"]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named])
     return tok, specials
+
+
+def _read_proto(spm_path: Path) -> Any:
+    """The model's ``ModelProto`` (pieces, scores, trainer and normalizer settings)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(spm_path).read_bytes())
+    return proto
+
+
+def _bpe_merges(proto: Any) -> list[tuple[str, str]]:
+    """BPE merges that replay SentencePiece's BPE encoder: it merges, among adjacent symbols
+    whose concatenation is a normal piece, the pair giving the highest-scored piece first (ties:
+    the lower id). Every split of a normal piece into two normal pieces is a merge of that rank."""
+    normal = {p.piece: (-p.score, i) for i, p in enumerate(proto.pieces) if p.type == _NORMAL}
+    ranked = sorted((rank, piece[:cut], piece[cut:]) for piece, rank in normal.items()
+                    for cut in range(1, len(piece))
+                    if piece[:cut] in normal and piece[cut:] in normal)
+    return [(left, right) for _, left, right in ranked]
+
+
+def _whitespace_pipeline(proto: Any) -> tuple[Any, Any]:
+    """Normalizer and decoder for megatrain's whitespace handling (``_check_normalizer``):
+    the model's character map if it has one, spaces escaped as ``▁``, no dummy prefix; decoding
+    turns ``▁`` back into spaces and byte pieces back into characters."""
+    from tokenizers import decoders, normalizers
+
+    steps = [normalizers.Replace(" ", _SPACE)]
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    if charsmap:
+        steps.insert(0, normalizers.Precompiled(charsmap))
+    decode = [decoders.Replace(_SPACE, " ")]
+    if proto.trainer_spec.byte_fallback:
+        decode += [decoders.ByteFallback(), decoders.Fuse()]
+    return normalizers.Sequence(steps), decoders.Sequence(decode)
 
 
 def _unigram_vocab(proto: Any) -> list[tuple[str, float]]:
