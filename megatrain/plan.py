@@ -19,14 +19,18 @@ from megatrain.errors import EXIT_CONFIG, EXIT_OK, MegatrainError
 
 
 def compose_config(overrides: list[str]) -> Any:
-    """The config ``megatrain-train`` would run with these overrides."""
+    """The config ``megatrain-train`` would run with these overrides, checked as it checks
+    them."""
     from hydra import compose, initialize_config_module
 
-    from megatrain.config import register_configs
+    from megatrain.config import Config, register_configs
+    from megatrain.config.validate import check_ranges, normalize_overrides
 
     register_configs()
     with initialize_config_module("megatrain.configs", version_base=None):
-        return compose("config", overrides=overrides)
+        cfg = compose("config", overrides=normalize_overrides(overrides))
+    check_ranges(cfg, Config)
+    return cfg
 
 
 def _parser() -> argparse.ArgumentParser:

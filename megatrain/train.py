@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from megatrain.config import register_configs
-from megatrain.errors import EXIT_OK, MegatrainError
+from megatrain.config import Config, register_configs
+from megatrain.config.validate import check_ranges, normalize_overrides
+from megatrain.errors import EXIT_OK, ConfigError, MegatrainError
 from megatrain.launch.exit_status import record_exit
 from megatrain.launch.sweep import prepare_sweep_job
 from megatrain.launch.torchrun_job import in_submitit_job, run_sweep_job
@@ -28,6 +29,7 @@ log = logging.getLogger("megatrain")
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train with a composed config; returns the final eval metrics."""
+    check_ranges(cfg, Config)  # before any process group, model or data exists
     from megatrain.distributed import detect_world, init_distributed
     from megatrain.logging import setup_console_logging
 
@@ -107,6 +109,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    try:
+        sys.argv[1:] = normalize_overrides(sys.argv[1:])  # Hydra reads them from there
+    except ConfigError as err:
+        print(f"{err.label}: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
     register_configs()
     _hydra_main()
 

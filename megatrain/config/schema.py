@@ -1,7 +1,8 @@
 """Typed configuration schema.
 
 These dataclasses are registered in Hydra's ConfigStore as ``base_config``; ``configs/config.yaml``
-composes on top of it, so a misspelt key or a wrong type fails before anything runs.
+composes on top of it, so a misspelt key or a wrong type fails before anything runs. A numeric
+key with a valid range declares it (``ranged``); ``megatrain.config.validate`` checks it then too.
 """
 
 from __future__ import annotations
@@ -11,24 +12,26 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from megatrain.config.validate import ranged
+
 
 @dataclass
 class ModelConfig:
     family: str = "gpt"  # gpt | llama | bert | t5 (see megatrain.models.registry)
     size: Optional[str] = "gpt2-tiny"  # a named size of the family; explicit dims below override it
-    n_layers: Optional[int] = None
-    d_model: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None  # llama: grouped-query attention
-    d_ff: Optional[int] = None
-    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
-    max_seq_len: Optional[int] = None  # None: the size's default
-    rope_theta: Optional[float] = None  # llama
+    n_layers: Optional[int] = ranged(None, ge=1)
+    d_model: Optional[int] = ranged(None, ge=1)
+    n_heads: Optional[int] = ranged(None, ge=1)
+    n_kv_heads: Optional[int] = ranged(None, ge=1)  # llama: grouped-query attention
+    d_ff: Optional[int] = ranged(None, ge=1)
+    vocab_size: Optional[int] = ranged(None, ge=1)  # None: the tokenizer's vocabulary size
+    max_seq_len: Optional[int] = ranged(None, ge=1)  # None: the size's default
+    rope_theta: Optional[float] = ranged(None, gt=0)  # llama
     tie_embeddings: Optional[bool] = None  # llama (GPT-2 is always tied)
-    head_dim: Optional[int] = None  # t5 (d_kv): None = the size's, or d_model / n_heads
-    n_decoder_layers: Optional[int] = None  # t5: None = the size's, or n_layers
+    head_dim: Optional[int] = ranged(None, ge=1)  # t5 (d_kv): None = the size's, or d_model / n_heads
+    n_decoder_layers: Optional[int] = ranged(None, ge=1)  # t5: None = the size's, or n_layers
     norm_position: Optional[str] = None  # bert: post (as in BERT) | pre
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, ge=0, lt=1)
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | flex | eager
     # None: random init. A megatrain checkpoint (its weights only) or hf:DIR (a Hugging Face
     # model directory of the same family); its dims replace size and the explicit dims.
@@ -41,61 +44,61 @@ class DataConfig:
     # on first use into cache_dir.
     train: str = "stdlib"
     eval: Optional[str] = None  # None: the eval shards of the train folder
-    seq_len: int = 256
+    seq_len: int = ranged(256, ge=1)
     objective: Optional[str] = None  # clm | mlm | span; None: the model family's
     doc_masking: bool = False  # attend within packed documents only, positions restart (clm, mlm)
-    mask_prob: float = 0.15  # mlm: share of tokens to predict (80% [MASK], 10% random, 10% kept)
+    mask_prob: float = ranged(0.15, gt=0, le=1)  # mlm: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     whole_word_masking: bool = False  # mlm: choose whole words (BERT's wwm), not single tokens
-    noise_density: float = 0.15  # span: share of tokens hidden in spans
-    mean_span: float = 3.0  # span: mean hidden span length
-    num_workers: int = 1
+    noise_density: float = ranged(0.15, gt=0, lt=1)  # span: share of tokens hidden in spans
+    mean_span: float = ranged(3.0, ge=1)  # span: mean hidden span length
+    num_workers: int = ranged(1, ge=0)
     shuffle: bool = True
     cache_dir: Optional[str] = None  # None: $MEGATRAIN_CACHE or ~/.cache/megatrain
-    vocab_size: int = 4096  # vocabulary for a corpus that is prepared on first use
+    vocab_size: int = ranged(4096, ge=1)  # vocabulary for a corpus that is prepared on first use
     # Weighted sources instead of data.train: [{path: DIR|stdlib, name: label, weight: 0.7,
     # epochs: null}, ...]; all prepared with one tokenizer; data.eval defaults to the first's.
     mixture: Optional[list[Any]] = None
     pack_whole_docs: bool = False  # never split a document that fits in a row: pad instead
-    max_skip_fraction: float = 0.01  # unreadable samples a rank may skip per epoch (share)
+    max_skip_fraction: float = ranged(0.01, ge=0, le=1)  # unreadable samples a rank may skip per epoch (share)
     trace: bool = False  # <run.dir>/data_trace/rank<R>.jsonl: the document keys of each step
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    lr: float = ranged(3e-4, gt=0)
+    weight_decay: float = ranged(0.1, ge=0)
+    betas: list[float] = ranged([0.9, 0.95], ge=0, lt=1)  # noqa: RUF009 (a field, default_factory)
+    eps: float = ranged(1e-8, gt=0)
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_steps: int = 100
+    warmup_steps: int = ranged(100, ge=0)
     decay: str = "cosine"  # cosine | linear | wsd | constant
-    min_lr_ratio: float = 0.1
-    total_steps: Optional[int] = None  # None: trainer.max_steps
-    wsd_decay_fraction: float = 0.2  # wsd: the share of total_steps spent decaying at the end
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
+    total_steps: Optional[int] = ranged(None, ge=1)  # None: trainer.max_steps
+    wsd_decay_fraction: float = ranged(0.2, ge=0, le=1)  # wsd: the share of total_steps spent decaying at the end
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
+    max_steps: int = ranged(1000, ge=0)
+    micro_batch_size: int = ranged(8, ge=1)
+    grad_accum_steps: int = ranged(1, ge=1)
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
-    grad_clip: float = 1.0
-    seed: int = 1234
-    log_every: int = 10
-    eval_every: int = 200
-    eval_steps: int = 20
-    save_every: int = 500
-    keep_last: int = 2
+    grad_clip: float = ranged(1.0, ge=0)  # 0: no clipping
+    seed: int = ranged(1234, ge=0)
+    log_every: int = ranged(10, ge=1)
+    eval_every: int = ranged(200, ge=1)
+    eval_steps: int = ranged(20, ge=1)
+    save_every: int = ranged(500, ge=1)
+    keep_last: int = ranged(2, ge=1)
     activation_checkpointing: bool = False
     compile: bool = False
-    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
+    peak_tflops: Optional[float] = ranged(None, gt=0)  # per device, for MFU; None: known GPUs only
     sample_prompt: Optional[str] = None  # print a generated sample at the end of training
-    sample_tokens: int = 200
+    sample_tokens: int = ranged(200, ge=1)
     # Numerical faults (megatrain/training/numerics.py): a non-finite loss or gradient norm on
     # any rank skips the update on all (one host sync per step; false removes it and the spike check); a loss
     # spike_zscore standard deviations above the last spike_window steps is logged (log) or
@@ -103,28 +106,28 @@ class TrainerConfig:
     # max_bad_steps bad steps in a row stop the run.
     # A collective that has not completed after this long (a peer died or stalls) ends the run
     # with an error instead of hanging it. Long enough for the slowest save or eval.
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = ranged(600.0, gt=0)
     skip_nonfinite: bool = True
     spike_policy: str = "log"  # off | log | rollback
-    spike_window: int = 100
-    spike_zscore: float = 6.0
-    max_bad_steps: int = 5
+    spike_window: int = ranged(100, ge=2)
+    spike_zscore: float = ranged(6.0, gt=0)
+    max_bad_steps: int = ranged(5, ge=1)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0  # 0 (plain data parallel) | 1 | 2 | 3
+    zero_stage: int = ranged(0, ge=0, le=3)  # 0 (plain data parallel) | 1 | 2 | 3
     offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO 1-3)
     offload_param: bool = False  # parameters on the CPU between uses (ZeRO 3)
     overlap_comm: bool = True  # overlap gradient reduction with the backward (ZeRO 1-3)
-    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
-    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (ZeRO 1-2)
-    stage3_prefetch_bucket_size: int = 50_000_000  # elements prefetched ahead (ZeRO 3)
+    reduce_bucket_size: int = ranged(500_000_000, ge=1)  # elements per gradient reduction
+    allgather_bucket_size: int = ranged(500_000_000, ge=1)  # elements per parameter all-gather (ZeRO 1-2)
+    stage3_prefetch_bucket_size: int = ranged(50_000_000, ge=0)  # elements prefetched ahead (ZeRO 3)
     # fp16 dynamic loss scaling: start at 2**initial_scale_power, halve on overflow (the step is
     # skipped), double after loss_scale_window clean steps.
-    initial_scale_power: int = 16
-    loss_scale_window: int = 1000
-    min_loss_scale: float = 1.0
+    initial_scale_power: int = ranged(16, ge=0)
+    loss_scale_window: int = ranged(1000, ge=1)
+    min_loss_scale: float = ranged(1.0, gt=0)
 
 
 @dataclass
@@ -158,8 +161,6 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    # Hydra adds this key when an experiment is chosen; it carries no settings of its own.
-    experiment: Optional[Any] = None
 
 
 def register_configs() -> None:

@@ -71,3 +71,25 @@ def test_bad_input_fails_fast_with_a_message(tmp_path: Path, prepared_dir: Path,
     assert expected in message
     assert "Traceback" not in message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+VALID_EXPERIMENTS = "valid: bert_quickstart, quickstart, t5_quickstart"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("experiment=nope", "error: experiment=nope: no such experiment; " + VALID_EXPERIMENTS),
+    ("+experiment=bert_quickstat",
+     "error: experiment=bert_quickstat: no such experiment; " + VALID_EXPERIMENTS),
+    ("trainer.micro_batch_size=-1", "error: trainer.micro_batch_size=-1: must be >= 1"),
+    ("data.mask_prob=1.5", "error: data.mask_prob=1.5: must be in (0, 1]"),
+])
+def test_a_bad_choice_or_value_exits_2_with_one_line_before_anything_is_built(
+        tmp_path: Path, prepared_dir: Path, override: str, message: str) -> None:
+    """As a user types it: exit 2 (a config error, not worth a retry), one line on stderr,
+    nothing on stdout, and nothing in the run folder (Hydra makes it before the range check
+    runs): no model, data or process group was made."""
+    result = run_module("train", [f"data.train={prepared_dir}", f"run.dir={tmp_path / 'run'}",
+                                  "logger.wandb.mode=disabled", override], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [message] and result.stdout == ""
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
