@@ -111,7 +111,7 @@ class TrainerConfig:
     spike_policy: str = "log"  # off | log | rollback
     spike_window: int = ranged(100, ge=2)
     spike_zscore: float = ranged(6.0, gt=0)
-    max_bad_steps: int = ranged(5, ge=1)
+    max_bad_steps: int = ranged(5, ge=0)
 
 
 @dataclass
