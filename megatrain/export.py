@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megatrain.data.tokenizer_to_hf import hf_tokenizer
 from megatrain.errors import ConfigError, MegatrainError
 from megatrain.generate import load_model
-from megatrain.models.hf.tokenizer import hf_tokenizer
 from megatrain.models.registry import spec_for_config
 
 

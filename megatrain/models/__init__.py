@@ -2,7 +2,8 @@
 
 from megatrain.models.flops import mfu, palm_flops_per_token, peak_tflops_for
 from megatrain.models.generation import generate
-from megatrain.models.gpt import GPT, GPTConfig, Llama, LlamaConfig
+from megatrain.models.gpt2 import GPT, GPTConfig
+from megatrain.models.llama import Llama, LlamaConfig
 from megatrain.models.registry import (
     MODEL_SPECS,
     ModelSpec,

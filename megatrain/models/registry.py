@@ -1,13 +1,17 @@
 """One registry: ``model.family`` + a named size -> a spec with everything the trainer needs.
 
-The dims of every named size live here and only here; ``configs/model/*.yaml`` name a size.
+Each family lives in its own folder (``models/<family>/``: model, spec, HF adapter); this module
+lists them and looks them up. The dims of every named size live in the family's spec and only
+there; ``configs/model/*.yaml`` name a size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,69 +21,24 @@ from megatrain.config.schema import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.bert.spec import BERT_SPEC
 from megatrain.models.common.attention import ATTN_IMPLS
-from megatrain.models.gpt.llama import LlamaConfig, build_llama, llama_flops_per_token
-from megatrain.models.gpt.model import GPTConfig, build_gpt, gpt_flops_per_token
-from megatrain.models.hf.gpt2 import GPT2_ADAPTER
-from megatrain.models.hf.llama import LLAMA_ADAPTER
-from megatrain.models.spec import ModelSpec, mlp4x_size
+from megatrain.models.common.hf import StateDict, import_transformers, read_hf_weights
+from megatrain.models.gpt2.spec import GPT_SPEC
+from megatrain.models.llama.spec import LLAMA_SPEC
+from megatrain.models.spec import ModelSpec
 from megatrain.models.t5.spec import T5_SPEC
 
-__all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "get_model_spec", "resolve_model_config",
-           "spec_for_config"]
+__all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "get_model_spec", "load_hf_pretrained",
+           "resolve_model_config", "spec_for_config"]
 
 logger = logging.getLogger(__name__)
 
-
-def _gpt2_size(n_layers: int, d_model: int, n_heads: int, max_seq_len: int = 1024) -> dict:
-    return mlp4x_size(n_layers, d_model, n_heads, max_seq_len)
-
-
-GPT_SPEC = ModelSpec(
-    family="gpt",
-    sizes={
-        # CPU tests and the quickstart: on 2 CPU cores training is bound by tokens seen, so
-        # a small width learns most in a few minutes (~1.3M parameters with a 4096 vocabulary).
-        "gpt2-tiny": _gpt2_size(4, 128, 4, max_seq_len=512),
-        "gpt2-small": _gpt2_size(12, 768, 12),  # 124M with the GPT-2 vocabulary
-        "gpt2-medium": _gpt2_size(24, 1024, 16),  # 350M
-        "gpt2-large": _gpt2_size(36, 1280, 20),  # 774M
-        "gpt2-xl": _gpt2_size(48, 1600, 25),  # 1.5B
-    },
-    config_cls=GPTConfig,
-    build=build_gpt,
-    objective="clm",
-    flops_per_token=gpt_flops_per_token,
-    hf=GPT2_ADAPTER,
-)
-
-
-
-def _llama_size(n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, d_ff: int,
-                max_seq_len: int, rope_theta: float = 10000.0, tie: bool = False) -> dict:
-    return {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads,
-            "n_kv_heads": n_kv_heads, "d_ff": d_ff, "max_seq_len": max_seq_len,
-            "rope_theta": rope_theta, "tie_embeddings": tie}
-
-
-LLAMA_SPEC = ModelSpec(
-    family="llama",
-    sizes={
-        "llama-tiny": _llama_size(4, 128, 4, 2, 384, 512),  # CPU tests; GQA with 2 groups
-        # Llama-3.2's shapes (tied head, θ = 500000; its 128k-context RoPE scaling is not
-        # modelled, so the context is kept at 2048) and Llama-2-7B's (6.74B with 32000 tokens).
-        "llama-1b": _llama_size(16, 2048, 32, 8, 8192, 2048, rope_theta=500000.0, tie=True),
-        "llama-3b": _llama_size(28, 3072, 24, 8, 8192, 2048, rope_theta=500000.0, tie=True),
-        "llama-7b": _llama_size(32, 4096, 32, 32, 11008, 4096),
-    },
-    config_cls=LlamaConfig,
-    build=build_llama,
-    objective="clm",
-    flops_per_token=llama_flops_per_token,
-    hf=LLAMA_ADAPTER,
-)
-
-MODEL_SPECS: dict[str, ModelSpec] = {spec.family: spec for spec in (GPT_SPEC, LLAMA_SPEC, BERT_SPEC,
-                                                                      T5_SPEC)}
+# model.family -> its spec: one line per family folder (models/<family>/spec.py).
+MODEL_SPECS: dict[str, ModelSpec] = {spec.family: spec for spec in (
+    GPT_SPEC,
+    LLAMA_SPEC,
+    BERT_SPEC,
+    T5_SPEC,
+)}
 
 # Keys of model config that choose a spec or a starting point rather than a dimension.
 _NOT_DIMS = frozenset({"family", "size", "init_from"})
@@ -175,3 +134,29 @@ def build_model(
     n = sum(p.numel() for p in model.parameters())
     logger.info("model: %s %s, %.1fM parameters", spec.family, config, n / 1e6)
     return model, spec, config
+
+
+def load_hf_pretrained(directory: str | Path,
+                       weights: bool = True) -> tuple[str, Any, StateDict | None]:
+    """(family, config, state_dict) of a Hugging Face model directory, in megatrain's terms.
+
+    The family comes from config.json's ``model_type``; the state dict loads into
+    ``get_model_spec(family).build(config, ...)`` with ``strict=True``.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    specs = {spec.hf.model_type: spec for spec in MODEL_SPECS.values() if spec.hf is not None}
+    if model_type not in specs:
+        raise ConfigError(f"{directory}: model_type={model_type} has no megatrain adapter; "
+                          f"valid: {', '.join(specs)}")
+    spec = specs[model_type]
+    hf_config = import_transformers().AutoConfig.from_pretrained(directory)
+    try:
+        config = spec.hf.config_from_hf(hf_config)
+    except ValueError as e:
+        raise ConfigError(f"{directory}: {e}") from e
+    if not weights:  # the config alone (a resumed run takes its weights from the checkpoint)
+        return spec.family, config, None
+    return spec.family, config, spec.hf.state_dict_from_hf(read_hf_weights(directory))

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from megatrain.errors import ConfigError
-from megatrain.models.hf import load_hf_pretrained
-from megatrain.models.registry import get_model_spec
+from megatrain.models.registry import get_model_spec, load_hf_pretrained
 
 HF_PREFIX = "hf:"
 

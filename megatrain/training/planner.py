@@ -48,6 +48,7 @@ from typing import Any
 
 from megatrain.errors import ConfigError
 from megatrain.models.registry import get_model_spec, resolve_model_config
+from megatrain.models.spec import ActivationShape
 
 GB = 1e9
 # CUDA context, kernel images and cuBLAS/NCCL workspaces: 0.5-1 GB on recent GPUs; an estimate.
@@ -318,35 +319,24 @@ def _mlp_units(d: int, d_ff: int, gated: bool) -> int:
     return d + (4 if gated else 2) * d_ff
 
 
-@dataclass(frozen=True)
-class _Shape:
-    norm: str  # layer | rms
-    gated: bool
-    head_units: int  # elements per token after the last block: final norm, head input(s)
+def _head_units(shape: ActivationShape, b: int) -> int:
+    """Elements per token (in units of d) kept after the last block: its norms and inputs."""
+    return shape.head_norms * _norm_units(shape.norm, b) + shape.head_units
 
 
-def _shape(config: Any, family: str, b: int) -> _Shape:
-    d = config.d_model
-    if family in ("gpt", "bert"):
-        # GPT: ln_f and lm_head inputs; BERT: the embedding LayerNorm's input and the MLM head's
-        # dense, GELU, LayerNorm and decoder inputs
-        head = (_norm_units("layer", b) + 1) * d if family == "gpt" else 5 * d
-        return _Shape("layer", False, head)
-    return _Shape("rms", True, (_norm_units("rms", b) + 1) * d)  # llama, t5
-
-
-def _block_units(config: Any, shape: _Shape, b: int, inner: int) -> int:
+def _block_units(config: Any, shape: ActivationShape, b: int, inner: int) -> int:
     d = config.d_model
     return (2 * _norm_units(shape.norm, b) * d + _attention_units(d, inner)
             + _mlp_units(d, config.d_ff, shape.gated))
 
 
-def _decoder_block_units(config: Any, b: int, inner: int, ratio: float) -> float:
-    """T5 decoder block per decoder token: a self-attention block plus cross-attention (its norm,
+def _decoder_block_units(config: Any, shape: ActivationShape, b: int, inner: int,
+                         ratio: float) -> float:
+    """A decoder block per decoder token: a self-attention block plus cross-attention (its norm,
     q and output; k and v are per encoder token: ``ratio`` encoder tokens per decoder token)."""
     d = config.d_model
-    cross = _norm_units("rms", b) * d + d + inner + 2 * inner + 2 * inner * ratio
-    return _block_units(config, _shape(config, "t5", b), b, inner) + cross
+    cross = _norm_units(shape.norm, b) * d + d + inner + 2 * inner + 2 * inner * ratio
+    return _block_units(config, shape, b, inner) + cross
 
 
 @dataclass(frozen=True)
@@ -386,15 +376,15 @@ def activation_bytes(config: Any, family: str, *, precision: str, micro_batch_si
     """
     b = PRECISION_BYTES[precision]
     tokens = micro_batch_size * seq_len
-    d, shape = config.d_model, _shape(config, family, b)
+    d, shape = config.d_model, get_model_spec(family).activations
     inner = getattr(config, "inner_dim", d)
     per_block = [(tokens, _block_units(config, shape, b, inner) * b + _masks(config, 2))] \
         * config.n_layers
     out_tokens, extra = tokens, 0
-    if family == "t5":
+    if shape.encoder_decoder:
         dec = decoder_len or decoder_length(seq_len)
         out_tokens = micro_batch_size * dec
-        dec_units = _decoder_block_units(config, b, inner, seq_len / dec)
+        dec_units = _decoder_block_units(config, shape, b, inner, seq_len / dec)
         per_block += [(out_tokens, dec_units * b + _masks(config, 3))] * config.n_decoder_layers
         # the encoder output (cross-attention's input), and per stack the relative-position
         # bias and its additive mask (s², but once per stack, not per layer)
@@ -405,7 +395,7 @@ def activation_bytes(config: Any, family: str, *, precision: str, micro_batch_si
         recompute = max(t * u for t, u in per_block)
     else:
         blocks, recompute = sum(t * u for t, u in per_block), 0
-    head = out_tokens * shape.head_units * b
+    head = out_tokens * _head_units(shape, b) * d * b
     loss = out_tokens * config.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
     return Activations(int(blocks + extra), int(recompute), int(head), int(loss))
 
@@ -473,7 +463,7 @@ def plan_from_config(cfg: Mapping[str, Any] | Any, world_size: int,
     m, t, ds, data = cfg.model, cfg.trainer, cfg.deepspeed, cfg.data
     family = m.family
     dec = None
-    if family == "t5":
+    if get_model_spec(family).activations.encoder_decoder:
         dec = decoder_length(data.seq_len, data.noise_density, data.mean_span)
     return plan_memory(
         m, family, zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,

@@ -135,8 +135,8 @@ class Trainer:
         if name != self.spec.objective:
             raise ConfigError(f"data.objective={name} does not fit model.family={family}, which "
                               f"trains on {self.spec.objective}")
-        if name == "mlm" and self.cfg.trainer.sample_prompt:
-            raise ConfigError(f"trainer.sample_prompt: model.family={family} (mlm) does not "
+        if self.cfg.trainer.sample_prompt and not self.spec.generates:
+            raise ConfigError(f"trainer.sample_prompt: model.family={family} ({name}) does not "
                               "generate text; unset it")
         return build_objective(name, data.seq_len, self.tokenizer, doc_masking=data.doc_masking,
                                mask_prob=data.mask_prob, noise_density=data.noise_density,

@@ -12,7 +12,7 @@ from megatrain.models.common.attention import (
     make_attention_fn,
     resolve_attn_impl,
 )
-from megatrain.models.gpt import GPT, GPTConfig
+from megatrain.models.gpt2 import GPT, GPTConfig
 
 pytestmark = [
     pytest.mark.gpu,

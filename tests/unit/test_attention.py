@@ -12,7 +12,7 @@ from megatrain.models.common.attention import (
     resolve_attn_impl,
     sdpa_attention,
 )
-from megatrain.models.gpt import GPT, GPTConfig
+from megatrain.models.gpt2 import GPT, GPTConfig
 
 CPU = torch.device("cpu")
 

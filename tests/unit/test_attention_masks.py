@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from megatrain.errors import ConfigError
+from megatrain.models import GPT, GPTConfig, Llama, LlamaConfig
 from megatrain.models.common import AttnMask, positions_in_documents, resolve_attn_impl
 from megatrain.models.common.attention import eager_attention, make_attention_fn, varlen_layout
-from megatrain.models.gpt import GPT, GPTConfig, Llama, LlamaConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

@@ -18,14 +18,14 @@ from megatrain.errors import ConfigError
 from megatrain.export import main as export_main
 from megatrain.models import build_model, get_model_spec, resolve_model_config
 from megatrain.models.bert import Bert, BertConfig, PostNormBlock, bert_flops_per_token
-from megatrain.models.common.layers import Block
-from megatrain.models.hf import load_hf_pretrained
-from megatrain.models.hf.bert import (
+from megatrain.models.bert.hf import (
     bert_config_from_hf,
     bert_config_to_hf,
     state_dict_from_hf,
     state_dict_to_hf,
 )
+from megatrain.models.common.layers import Block
+from megatrain.models.registry import load_hf_pretrained
 from megatrain.training.parallelize import parallelize
 from tests.unit.checkpoints import write_stage0_checkpoint
 

@@ -12,7 +12,7 @@ import torch
 from megatrain.data.tokenizer import Tokenizer, train_tokenizer
 from megatrain.export import main
 from megatrain.models import GPT, GPTConfig, Llama, LlamaConfig
-from megatrain.models.hf import load_hf_pretrained
+from megatrain.models.registry import load_hf_pretrained
 from tests.unit.checkpoints import write_stage0_checkpoint
 
 transformers = pytest.importorskip("transformers")

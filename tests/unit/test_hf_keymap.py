@@ -9,12 +9,12 @@ import torch
 from megatrain.errors import MegatrainError
 from megatrain.models import GPT, GPTConfig, Llama, LlamaConfig
 from megatrain.models.bert import Bert, BertConfig
-from megatrain.models.hf import HFAdapter, StateDict
-from megatrain.models.hf.bert import BERT_ADAPTER
-from megatrain.models.hf.gpt2 import GPT2_ADAPTER
-from megatrain.models.hf.llama import LLAMA_ADAPTER
-from megatrain.models.hf.t5 import T5_ADAPTER
+from megatrain.models.bert.hf import BERT_ADAPTER
+from megatrain.models.common.hf import HFAdapter, StateDict
+from megatrain.models.gpt2.hf import GPT2_ADAPTER
+from megatrain.models.llama.hf import LLAMA_ADAPTER
 from megatrain.models.t5 import T5, T5Config
+from megatrain.models.t5.hf import T5_ADAPTER
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatrain.models import GPT, GPTConfig, generate
-from megatrain.models.hf.gpt2 import (
+from megatrain.models.gpt2.hf import (
     gpt2_config_from_hf,
     gpt2_config_to_hf,
     state_dict_from_hf,

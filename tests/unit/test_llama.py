@@ -8,8 +8,8 @@ import torch
 from megatrain.errors import ConfigError
 from megatrain.models import Llama, LlamaConfig, build_model, generate, resolve_model_config
 from megatrain.models.common.attention import eager_attention, repeat_kv, sdpa_attention
-from megatrain.models.gpt import llama_flops_per_token
-from megatrain.models.hf.llama import (
+from megatrain.models.llama import llama_flops_per_token
+from megatrain.models.llama.hf import (
     llama_config_from_hf,
     llama_config_to_hf,
     state_dict_from_hf,

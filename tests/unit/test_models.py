@@ -21,7 +21,7 @@ from megatrain.models import (
     peak_tflops_for,
     resolve_model_config,
 )
-from megatrain.models.gpt import gpt_flops_per_token
+from megatrain.models.gpt2 import gpt_flops_per_token
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 GPT_SIZES = ["gpt2-tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]

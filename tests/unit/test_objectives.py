@@ -386,7 +386,7 @@ def test_hugging_face_word_tables(wwm_text: str, tmp_path: Path) -> None:
     tokenizer splits text at its whitespace; a WordPiece one at its pre-tokenizer's words."""
     tokenizers = pytest.importorskip("tokenizers")
     pytest.importorskip("transformers")
-    from megatrain.models.hf.tokenizer import save_hf_tokenizer
+    from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
 
     sp = Tokenizer.load(train_tokenizer([wwm_text], tmp_path / "sp.model", 512))
     (tmp_path / "converted").mkdir()

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megatrain.errors import ConfigError
-from megatrain.models.gpt.model import GPTConfig
+from megatrain.models.gpt2.model import GPTConfig
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.plan import compose_config, main
 from megatrain.training.engine import build_optimizer

@@ -369,7 +369,7 @@ def test_prepare_with_a_tokenizer_json_gives_the_same_tokens(
 ) -> None:
     pytest.importorskip("transformers")
     from megatrain.data.hf_tokenizer import HFTokenizer
-    from megatrain.models.hf.tokenizer import save_hf_tokenizer
+    from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
 
     (tmp_path / "hf").mkdir()
     save_hf_tokenizer(tokenizer_model, tmp_path / "hf")

@@ -17,19 +17,19 @@ from megatrain.data.tokenizer import train_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.export import main as export_main
 from megatrain.models import build_model, generate, get_model_spec, resolve_model_config
-from megatrain.models.hf import load_hf_pretrained
-from megatrain.models.hf.t5 import (
-    state_dict_from_hf,
-    state_dict_to_hf,
-    t5_config_from_hf,
-    t5_config_to_hf,
-)
+from megatrain.models.registry import load_hf_pretrained
 from megatrain.models.t5 import (
     T5,
     T5Config,
     relative_position_bucket,
     span_target_ratio,
     t5_flops_per_token,
+)
+from megatrain.models.t5.hf import (
+    state_dict_from_hf,
+    state_dict_to_hf,
+    t5_config_from_hf,
+    t5_config_to_hf,
 )
 from megatrain.training.parallelize import parallelize
 from tests.unit.checkpoints import write_stage0_checkpoint

@@ -144,7 +144,7 @@ def test_tokenizer_json_loads_through_the_same_interface(
 ) -> None:
     pytest.importorskip("transformers")
     from megatrain.data.hf_tokenizer import HFTokenizer
-    from megatrain.models.hf.tokenizer import save_hf_tokenizer
+    from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
 
     save_hf_tokenizer(code_tokenizer.path, tmp_path)
     hf = Tokenizer.load(tmp_path / "tokenizer.json")

@@ -18,10 +18,10 @@ from sentencepiece import sentencepiece_model_pb2
 from megatrain.data.prepare import prepare
 from megatrain.data.sources import iter_documents
 from megatrain.data.tokenizer import CONTROL_TOKENS, Tokenizer, train_tokenizer
+from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.export import main as export_main
 from megatrain.models import GPT, GPTConfig
-from megatrain.models.hf.tokenizer import save_hf_tokenizer
 from tests.conftest import SHAKESPEARE, SHARED_DATA, SLICE_CHARS
 from tests.unit.checkpoints import write_stage0_checkpoint
 

@@ -1,8 +1,4 @@
-"""BERT family: a bidirectional encoder trained with masked language modelling.
-
-The registry's spec lives in ``megatrain.models.bert.spec`` (it needs the Hugging Face adapter,
-which needs this package's config).
-"""
+"""BERT (``model.family=bert``): a bidirectional encoder trained with masked language modelling."""
 
 from megatrain.models.bert.model import (
     Bert,

@@ -1,7 +1,7 @@
 """BERT: word + learned position + token-type embeddings, post-LayerNorm encoder blocks with exact
 GELU, and the masked-LM head (dense -> GELU -> LayerNorm -> decoder tied to the word embeddings).
 
-The layout follows Hugging Face's BertForMaskedLM exactly (see ``megatrain.models.hf.bert``), so a
+The layout follows Hugging Face's BertForMaskedLM exactly (see ``megatrain.models.bert.hf``), so a
 checkpoint converts both ways and the logits match. Attention is bidirectional; padding and packed
 documents are masked through the shared attention backends.
 

@@ -1,10 +1,11 @@
-"""The BERT family's registry entry: named sizes, objective, FLOPs and Hugging Face adapter."""
+"""The BERT family's registry entry: named sizes, objective, FLOPs, memory facts and Hugging
+Face adapter."""
 
 from __future__ import annotations
 
+from megatrain.models.bert.hf import BERT_ADAPTER
 from megatrain.models.bert.model import BertConfig, bert_flops_per_token, build_bert
-from megatrain.models.hf.bert import BERT_ADAPTER
-from megatrain.models.spec import ModelSpec, mlp4x_size
+from megatrain.models.spec import ActivationShape, ModelSpec, mlp4x_size
 
 
 def _bert_size(n_layers: int, d_model: int, n_heads: int) -> dict:
@@ -23,5 +24,8 @@ BERT_SPEC = ModelSpec(
     build=build_bert,
     objective="mlm",
     flops_per_token=bert_flops_per_token,
+    # after the blocks: the embedding LayerNorm's input and the MLM head's dense, GELU,
+    # LayerNorm and decoder inputs
+    activations=ActivationShape(norm="layer", gated=False, head_norms=0, head_units=5),
     hf=BERT_ADAPTER,
 )

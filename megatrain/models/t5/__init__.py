@@ -1,5 +1,4 @@
-"""T5 family: T5 v1.1 encoder–decoders (the registry's spec lives in ``megatrain.models.t5.spec``,
-apart, so the Hugging Face adapter can import the model without a cycle)."""
+"""T5 v1.1 (``model.family=t5``): encoder–decoders with relative position biases."""
 
 from megatrain.models.t5.model import (
     T5,

@@ -2,7 +2,7 @@
 biases and an untied output head.
 
 The layout follows Hugging Face's T5ForConditionalGeneration (``feed_forward_proj="gated-gelu"``)
-exactly (see ``megatrain.models.hf.t5``), so a checkpoint converts both ways and the logits match:
+exactly (see ``megatrain.models.t5.hf``), so a checkpoint converts both ways and the logits match:
 pre-norm blocks; the encoder's self-attention is bidirectional, the decoder's causal and followed
 by cross-attention to the encoder's output; attention scores are not scaled by 1/√head_dim (the
 init of q folds that in); one input embedding serves both stacks.

@@ -1,9 +1,10 @@
-"""The registry's T5 spec: named sizes (Google's T5 v1.1 shapes) and how to build and count them."""
+"""The T5 family's registry entry: named sizes (Google's T5 v1.1 shapes), objective, FLOPs,
+memory facts and Hugging Face adapter."""
 
 from __future__ import annotations
 
-from megatrain.models.hf.t5 import T5_ADAPTER
-from megatrain.models.spec import ModelSpec
+from megatrain.models.spec import ActivationShape, ModelSpec
+from megatrain.models.t5.hf import T5_ADAPTER
 from megatrain.models.t5.model import T5Config, build_t5, t5_flops_per_token
 
 
@@ -27,5 +28,9 @@ T5_SPEC = ModelSpec(
     build=build_t5,
     objective="span",
     flops_per_token=t5_flops_per_token,
+    # after each stack: the final RMSNorm's input and the head's input; a decoder stack with
+    # cross-attention
+    activations=ActivationShape(norm="rms", gated=True, head_norms=1, head_units=1,
+                                encoder_decoder=True),
     hf=T5_ADAPTER,
 )

@@ -1,7 +1,7 @@
 """Llama-style GPT: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
 
 Same pre-norm block and attention module as GPT-2 (``megatrain.models.common``); the layout maps
-one to one onto Hugging Face's LlamaForCausalLM (see ``megatrain.models.hf.llama``).
+one to one onto Hugging Face's LlamaForCausalLM (see ``megatrain.models.llama.hf``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from torch import Tensor, nn
 
 from megatrain.models.common.attention import SelfAttention
 from megatrain.models.common.base import TransformerConfig
+from megatrain.models.common.decoder import DecoderLM
 from megatrain.models.common.layers import Block, GatedMLP, RMSNorm
 from megatrain.models.common.positions import positions_in_documents
 from megatrain.models.common.rotary import rotary_cos_sin
 from megatrain.models.flops import palm_flops_per_token
-from megatrain.models.gpt.decoder import DecoderLM
 
 
 @dataclass

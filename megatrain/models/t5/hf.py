@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from megatrain.errors import ConfigError
-from megatrain.models.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
-from megatrain.models.hf.keymap import KeyMap, Rule, aliased, fused, rename, under
+from megatrain.models.common.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
+from megatrain.models.common.keymap import KeyMap, Rule, aliased, fused, rename, under
 from megatrain.models.t5.model import T5Config
 
 if TYPE_CHECKING:

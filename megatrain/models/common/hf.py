@@ -1,4 +1,5 @@
-"""Hugging Face adapters: convert configs and state dicts to and from ``transformers`` models.
+"""What every family's Hugging Face adapter (``models/<family>/hf.py``) is made of: the
+adapter record, config field tables, reading a model folder's weights.
 
 ``transformers`` is an optional dependency (``megatrain[hf]``), so it is imported inside the
 functions that need it.
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from megatrain.errors import ConfigError, MegatrainError
-from megatrain.models.hf.keymap import StateDict
+from megatrain.models.common.keymap import StateDict
 
 Fields = tuple[tuple[str, str], ...]  # (megatrain config field, HF config attribute) pairs
 
@@ -75,7 +76,7 @@ def import_transformers() -> Any:
     return transformers
 
 
-def _read_hf_weights(directory: Path) -> StateDict:
+def read_hf_weights(directory: Path) -> StateDict:
     """model.safetensors, sharded safetensors (model.safetensors.index.json) or
     pytorch_model.bin, whichever the directory has, on the CPU."""
     from safetensors.torch import load_file
@@ -92,33 +93,5 @@ def _read_hf_weights(directory: Path) -> StateDict:
                       "pytorch_model.bin")
 
 
-def load_hf_pretrained(directory: str | Path,
-                       weights: bool = True) -> tuple[str, Any, StateDict | None]:
-    """(family, config, state_dict) of a Hugging Face model directory, in megatrain's terms.
-
-    The family comes from config.json's ``model_type``; the state dict loads into
-    ``get_model_spec(family).build(config, ...)`` with ``strict=True``.
-    """
-    from megatrain.models.registry import MODEL_SPECS  # the registry imports the adapters
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    specs = {spec.hf.model_type: spec for spec in MODEL_SPECS.values() if spec.hf is not None}
-    if model_type not in specs:
-        raise ConfigError(f"{directory}: model_type={model_type} has no megatrain adapter; "
-                          f"valid: {', '.join(specs)}")
-    spec = specs[model_type]
-    hf_config = import_transformers().AutoConfig.from_pretrained(directory)
-    try:
-        config = spec.hf.config_from_hf(hf_config)
-    except ValueError as e:
-        raise ConfigError(f"{directory}: {e}") from e
-    if not weights:  # the config alone (a resumed run takes its weights from the checkpoint)
-        return spec.family, config, None
-    return spec.family, config, spec.hf.state_dict_from_hf(_read_hf_weights(directory))
-
-
 __all__ = ["Fields", "HFAdapter", "StateDict", "fields_from_hf", "fields_to_hf",
-           "import_transformers", "load_hf_pretrained"]
+           "import_transformers", "read_hf_weights"]

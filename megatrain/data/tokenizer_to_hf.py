@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from megatrain.errors import ConfigError
-from megatrain.models.hf import import_transformers
+from megatrain.models.common.hf import import_transformers
 
 # SentencePiece model types and piece types (sentencepiece_model.proto).
 _UNIGRAM, _BPE, _WORD, _CHAR = 1, 2, 3, 4

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from megatrain.models.gpt.llama import LlamaConfig
-from megatrain.models.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
-from megatrain.models.hf.keymap import KeyMap, fused, rename, under
+from megatrain.models.common.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
+from megatrain.models.common.keymap import KeyMap, fused, rename, under
+from megatrain.models.llama.model import LlamaConfig
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig as HFLlamaConfig

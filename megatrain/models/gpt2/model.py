@@ -1,6 +1,6 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied input/output embeddings.
 
-The layout follows Hugging Face's GPT2LMHeadModel exactly (see ``megatrain.models.hf.gpt2``), so a
+The layout follows Hugging Face's GPT2LMHeadModel exactly (see ``megatrain.models.gpt2.hf``), so a
 checkpoint converts both ways and the logits match.
 """
 
@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from megatrain.models.common.attention import SelfAttention
 from megatrain.models.common.base import TransformerConfig
+from megatrain.models.common.decoder import DecoderLM
 from megatrain.models.common.layers import Block, GeluMLP
 from megatrain.models.common.positions import token_positions
 from megatrain.models.flops import palm_flops_per_token
-from megatrain.models.gpt.decoder import DecoderLM
 
 
 @dataclass

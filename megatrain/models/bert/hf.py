@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from megatrain.errors import ConfigError
 from megatrain.models.bert.model import BertConfig
-from megatrain.models.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
-from megatrain.models.hf.keymap import KeyMap, Rule, aliased, fused, params, rename, tied, under
+from megatrain.models.common.hf import Fields, HFAdapter, StateDict, fields_from_hf, fields_to_hf
+from megatrain.models.common.keymap import KeyMap, Rule, aliased, fused, params, rename, tied, under
 
 if TYPE_CHECKING:
     from transformers import BertConfig as HFBertConfig

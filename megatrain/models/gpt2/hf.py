@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from megatrain.models.gpt.model import GPTConfig
-from megatrain.models.hf import Fields, HFAdapter, fields_from_hf, fields_to_hf
-from megatrain.models.hf.keymap import KeyMap, Rule, params, rename, tied, transposed, under
+from megatrain.models.common.hf import Fields, HFAdapter, fields_from_hf, fields_to_hf
+from megatrain.models.common.keymap import KeyMap, Rule, params, rename, tied, transposed, under
+from megatrain.models.gpt2.model import GPTConfig
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
