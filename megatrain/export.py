@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megatrain.data.tokenizer_to_hf import hf_tokenizer
+from megatrain.data.tokenizer.convert_to_hf import to_hf_tokenizer
 from megatrain.errors import ConfigError, MegatrainError
 from megatrain.generate import load_model
 from megatrain.models.registry import spec_for_config
@@ -36,7 +36,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     hf_config.pad_token_id = _id(tokenizer.pad_id)
     hf_state_dict = spec.hf.state_dict_to_hf(model.state_dict())
     spec.hf.check_loads(hf_config, hf_state_dict)  # before anything is written
-    hf_tok = hf_tokenizer(tokenizer.path)  # also: a tokenizer that cannot convert writes nothing
+    hf_tok = to_hf_tokenizer(tokenizer)  # also: a tokenizer that cannot convert writes nothing
     state_dict = _without_aliases(hf_state_dict)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

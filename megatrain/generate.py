@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatrain.data.tokenizer import Tokenizer
+from megatrain.data.tokenizer import Tokenizer, load_tokenizer
 from megatrain.errors import MegatrainError
 from megatrain.models.generation import generate
 from megatrain.models.registry import get_model_spec
@@ -27,7 +27,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module,
     model = get_model_spec(family).build(config, device, torch.float32)
     model.load_state_dict(state_dict)
     path = resolve_checkpoint_path(Path(checkpoint))
-    return model.eval(), Tokenizer.load(path / "tokenizer.model")
+    return model.eval(), load_tokenizer(path)
 
 
 def _parser() -> argparse.ArgumentParser:

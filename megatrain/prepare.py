@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatrain.data.tokenizer import DEFAULT_MAX_SENTENCES, TOKENIZER_TYPES
+from megatrain.data.prepare.train_tokenizer import DEFAULT_MAX_SENTENCES, TOKENIZER_TYPES
 from megatrain.errors import EXIT_OK, DataError, MegatrainError
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from megatrain.data.prepare import prepare  # deferred: --help stays fast
+    from megatrain.data.prepare.pipeline import prepare  # deferred: --help stays fast
 
     start = time.perf_counter()
     manifest = prepare(
@@ -134,7 +134,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _verify(folder: Path) -> int:
-    from megatrain.data.verify import verify
+    from megatrain.data.prepare.verify import verify
 
     checks = verify(folder)
     for check in checks:

@@ -43,8 +43,8 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) 
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
     """A 512-piece tokenizer trained on the small corpus."""
-    from megatrain.data.sources import iter_documents
-    from megatrain.data.tokenizer import train_tokenizer
+    from megatrain.data.prepare.sources import iter_documents
+    from megatrain.data.prepare.train_tokenizer import train_tokenizer
 
     texts = (doc.text for doc in iter_documents(str(corpus_dir)))
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.model", 512)
@@ -53,7 +53,7 @@ def tokenizer_model(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, tokenizer_model: Path):
     """The small corpus prepared into several ~20k-token shards, with a 5% eval split."""
-    from megatrain.data.prepare import prepare
+    from megatrain.data.prepare.pipeline import prepare
 
     out = tmp_path_factory.mktemp("prepared")
     return prepare(

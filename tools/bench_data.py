@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatrain.data.prepare import ensure_prepared, prepare
-from megatrain.data.sources import iter_documents
-from megatrain.data.tokenizer import train_tokenizer
+from megatrain.data.prepare.pipeline import ensure_prepared, prepare
+from megatrain.data.prepare.sources import iter_documents
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
 
 
 @dataclass
@@ -117,7 +117,7 @@ def stream_once(data: Path, workers: int, batches: int, seq_len: int, micro_batc
     """Tokens/s of one rank's training stream (CLM, packed) with ``workers`` loader workers; the
     first batch (worker start-up, first shard) is not timed."""
     from megatrain.data.manifest import Manifest
-    from megatrain.data.stream import build_train_stream
+    from megatrain.data.stream.train_stream import build_train_stream
 
     stream = build_train_stream(Manifest.load(data), seq_len=seq_len, micro_batch_size=micro_batch,
                                 seed=0, rank=0, world_size=1, num_workers=workers)

@@ -3,8 +3,9 @@
 Layout of ``<run.dir>/checkpoints``::
 
     step_<N>/            DeepSpeed's files (model, optimizer, schedule), rank<R>.pt (per-rank
-                         RNGs and stream position), meta.json, tokenizer.model (+ its
-                         tokenizer_config.json for a Hugging Face tokenizer)
+                         RNGs and stream position), meta.json, the corpus tokenizer
+                         (tokenizer.model, or tokenizer.json + its tokenizer_config.json;
+                         checkpoints before 2026-12 hold either as tokenizer.model)
     latest               the name of the newest *complete* checkpoint
 
 A checkpoint is written under ``step_<N>.tmp``. Once every rank has finished, rank 0 lists
@@ -33,9 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.data.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
 from megatrain.data.manifest import sha256_file
-from megatrain.data.tokenizer import is_hf_tokenizer_file
+from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import ConfigError, MegatrainError
 
 log = logging.getLogger("megatrain")
@@ -75,7 +75,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: dict[str, Any],
-                    meta: dict[str, Any], tokenizer_path: Path, keep_last: int,
+                    meta: dict[str, Any], tokenizer: Tokenizer, keep_last: int,
                     publish_delay_s: float = 0.0) -> Path:
     """Save on every rank (collective); returns the published checkpoint directory.
 
@@ -88,7 +88,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: d
         torch.save(rank_state, tmp / f"rank{rank}.pt")
         if rank == 0:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            copy_tokenizer(tokenizer_path, tmp)
+            tokenizer.save(tmp)
         failure = None
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         free_mb = shutil.disk_usage(root).free / 2**20
@@ -101,15 +101,6 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, rank_state: d
         _publish(root, tmp, tag, keep_last)
     _barrier()
     return root / tag
-
-
-def copy_tokenizer(path: Path, ckpt: Path) -> None:
-    """The corpus tokenizer as ``tokenizer.model`` (whatever it is), and for a Hugging Face
-    tokenizer.json the tokenizer_config.json beside it, which names its special-token roles."""
-    shutil.copyfile(path, ckpt / "tokenizer.model")
-    config = path.parent / HF_CONFIG_FILE
-    if is_hf_tokenizer_file(path) and config.is_file():
-        shutil.copyfile(config, ckpt / HF_CONFIG_FILE)
 
 
 def _any_rank_failed(failed: bool, device: torch.device) -> bool:

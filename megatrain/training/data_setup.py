@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from megatrain.data.manifest import Manifest
-from megatrain.data.prepare import ensure_prepared
+from megatrain.data.prepare.pipeline import ensure_prepared
 from megatrain.distributed import World
 
 EMBEDDED_SOURCES = ("stdlib",)
@@ -46,7 +46,7 @@ def resolve_train_data(data_cfg: Any, world: World) -> tuple[list | None, Manife
     source's manifest gives the tokenizer and, unless ``data.eval`` is set, the eval shards."""
     if not data_cfg.get("mixture"):
         return None, *resolve_corpus(data_cfg, world)
-    from megatrain.data.mixture import build_sources, parse_mixture
+    from megatrain.data.stream.mixture import build_sources, parse_mixture
 
     workers = max(1, min(os.cpu_count() or 1, 8))
     entries = parse_mixture(data_cfg.mixture)

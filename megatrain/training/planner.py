@@ -356,7 +356,7 @@ class Activations:
 
 def decoder_length(seq_len: int, noise_density: float = 0.15, mean_span: float = 3.0) -> int:
     """T5's target length for ``seq_len`` encoder tokens under span corruption."""
-    from megatrain.data.objectives import raw_length_for, span_lengths
+    from megatrain.data.stream.objectives import raw_length_for, span_lengths
 
     noise, spans, _ = span_lengths(raw_length_for(seq_len, noise_density, mean_span),
                                    noise_density, mean_span)

@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from megatrain.data.objectives import IGNORE, Objective, build_objective
-from megatrain.data.stream import build_train_stream, iter_eval_batches
-from megatrain.data.tokenizer import Tokenizer
-from megatrain.data.trace import TraceWriter
+from megatrain.data.stream.objectives import IGNORE, Objective, build_objective
+from megatrain.data.stream.trace import TraceWriter
+from megatrain.data.stream.train_stream import build_train_stream, iter_eval_batches
+from megatrain.data.tokenizer import load_tokenizer
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
 from megatrain.logging import MetricSinks, build_sinks
@@ -67,7 +67,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.sources, self.train_manifest, self.eval_manifest = resolve_train_data(cfg.data,
                                                                                   world)
-        self.tokenizer = Tokenizer.load(self.train_manifest.tokenizer_path)
+        self.tokenizer = load_tokenizer(self.train_manifest.tokenizer_path)
         self.precision = resolve_precision(cfg.trainer.precision, device)
         self.resume_from = ckpt.find_checkpoint(self.run_dir, cfg.run.resume)
         self.model_cfg, self.spec, model = self._build_model()
@@ -367,7 +367,7 @@ class Trainer:
         start = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.progress.step,
                                     self.world.rank, rank_state, meta,
-                                    self.tokenizer.path, self.cfg.trainer.keep_last,
+                                    self.tokenizer, self.cfg.trainer.keep_last,
                                     publish_delay_s=self.faults.save_delay_s)
         log.info("saved %s in %.1fs", path, time.perf_counter() - start)
         return path

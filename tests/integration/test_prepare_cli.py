@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from megatrain.data.journal import JOURNAL
 from megatrain.data.manifest import Manifest, sha256_file
+from megatrain.data.prepare.journal import JOURNAL
 from tests.integration.helpers import REPO
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.data.faults import read_shard
 from megatrain.data.manifest import Manifest
-from megatrain.data.trace import read_traces
+from megatrain.data.stream.shard_reader import read_shard
+from megatrain.data.stream.trace import read_traces
 from tests.integration.helpers import metrics, run_module, train
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from megatrain.training.checkpoint import LATEST, copy_tokenizer, write_manifest
+from megatrain.data.tokenizer import load_tokenizer
+from megatrain.training.checkpoint import LATEST, write_manifest
 
 
 def write_stage0_checkpoint(ckpt: Path, family: str, model: torch.nn.Module, tokenizer: Path,
@@ -21,7 +22,7 @@ def write_stage0_checkpoint(ckpt: Path, family: str, model: torch.nn.Module, tok
             "world_size": 1, "step": step}
     (ckpt / "meta.json").write_text(json.dumps(meta))
     torch.save({"module": model.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
-    copy_tokenizer(tokenizer, ckpt)
+    load_tokenizer(tokenizer).save(ckpt)
     write_manifest(ckpt)
     (ckpt.parent / LATEST).write_text(ckpt.name)
     return ckpt

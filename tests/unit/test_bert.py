@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import yaml
 
 from megatrain.config.schema import ModelConfig
-from megatrain.data.tokenizer import Tokenizer, train_tokenizer
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
+from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.export import main as export_main
 from megatrain.models import build_model, get_model_spec, resolve_model_config
@@ -392,7 +393,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tokenizer_path: Path,
     hf = transformers.AutoModelForMaskedLM.from_pretrained(out, attn_implementation="eager")
     assert type(hf).__name__ == "BertForMaskedLM"
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     ids = torch.tensor([tokenizer.encode(CORPUS[:400])[:40]] * 3)
     mask = _padding(3, ids.size(1))
     ids = ids.masked_fill(~mask.bool(), tokenizer.pad_id)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from megatrain.data.tokenizer import HFTokenizer, load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.training.checkpoint import (
     CheckpointError,
@@ -103,18 +105,49 @@ class _Engine:
         torch.save({"w": torch.arange(4.0)}, Path(root) / tag / "model_states.pt")
 
 
+def _word_level_tokenizer_json(folder: Path) -> Path:
+    """A tiny Hugging Face tokenizer.json, with a tokenizer_config.json naming its eos."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<|end|>": 1, "to": 2, "be": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "<|end|>"}')
+    return folder / "tokenizer.json"
+
+
 @pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
-def test_a_checkpoint_keeps_its_tokenizer_and_a_tokenizer_json_its_roles(tmp_path: Path,
-                                                                         kind: str) -> None:
-    """The roles of a Hugging Face tokenizer live in tokenizer_config.json beside it: the
-    checkpoint keeps that too, so export and generate read the roles training used."""
+def test_a_checkpoint_keeps_its_tokenizer_and_a_tokenizer_json_its_roles(
+        tmp_path: Path, kind: str, tokenizer_model: Path) -> None:
+    """A checkpoint holds the corpus tokenizer under its own kind's name; the roles of a Hugging
+    Face tokenizer live in tokenizer_config.json beside it: the checkpoint keeps that too, so
+    export and generate read the roles training used."""
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    tokenizer = corpus / ("tokenizer.json" if kind == "tokenizer.json" else "tokenizer.model")
-    tokenizer.write_bytes(b'{"model": {}}' if kind == "tokenizer.json" else b"\x0a\x0bspm")
-    (corpus / "tokenizer_config.json").write_text('{"eos_token": "<|end|>"}')
+    if kind == "tokenizer.json":
+        tokenizer = _word_level_tokenizer_json(corpus)
+    else:
+        corpus.mkdir()
+        tokenizer = Path(shutil.copyfile(tokenizer_model, corpus / "tokenizer.model"))
+        (corpus / "tokenizer_config.json").write_text('{"eos_token": "<|end|>"}')  # not its own
     ckpt = save_checkpoint(_Engine(), tmp_path / "checkpoints", 3, 0, {}, {"step": 3},
-                           tokenizer, keep_last=2)
-    assert (ckpt / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+                           load_tokenizer(tokenizer), keep_last=2)
+    assert (ckpt / kind.replace("sentencepiece", "tokenizer.model")).read_bytes() == \
+        tokenizer.read_bytes()
     assert (ckpt / "tokenizer_config.json").exists() == (kind == "tokenizer.json")
     assert verify_checkpoint(ckpt) is None  # the manifest covers it
+    loaded = load_tokenizer(ckpt)
+    assert (loaded.path.name, loaded.eos_id) == (tokenizer.name, load_tokenizer(tokenizer).eos_id)
+
+
+def test_a_checkpoint_from_before_tokenizers_kept_their_names_still_loads(tmp_path: Path) -> None:
+    """Checkpoints written before 2026-12 hold a tokenizer.json as ``tokenizer.model``: the
+    loader reads the content, not the name, and finds its roles beside it."""
+    given = _word_level_tokenizer_json(tmp_path / "given")
+    old = tmp_path / "step_7"
+    old.mkdir()
+    shutil.copyfile(given, old / "tokenizer.model")
+    shutil.copyfile(given.parent / "tokenizer_config.json", old / "tokenizer_config.json")
+    loaded = load_tokenizer(old)
+    assert isinstance(loaded, HFTokenizer) and loaded.path.name == "tokenizer.model"
+    assert (loaded.eos_id, loaded.encode("to be")) == (1, [2, 3])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.data.tokenizer import Tokenizer, train_tokenizer
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
+from megatrain.data.tokenizer import load_tokenizer
 from megatrain.export import main
 from megatrain.models import GPT, GPTConfig, Llama, LlamaConfig
 from megatrain.models.registry import load_hf_pretrained
@@ -58,7 +59,7 @@ def test_export_loads_in_transformers_with_the_same_logits(
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     expected_cls = "GPT2LMHeadModel" if family == "gpt" else "LlamaForCausalLM"
     assert type(hf).__name__ == expected_cls
-    ids = torch.tensor([Tokenizer.load(tokenizer_path).encode(TEXT)[:48]] * 2)
+    ids = torch.tensor([load_tokenizer(tokenizer_path).encode(TEXT)[:48]] * 2)
     expected = model.eval()(ids)
     assert (hf.eval()(ids).logits - expected).abs().max().item() <= 1e-4
     assert expected.abs().max() > 1.0
@@ -73,7 +74,7 @@ def test_exported_tokenizer_gives_megatrain_ids(tokenizer_path: Path, tmp_path: 
     family, model = _models()["llama"]
     write_stage0_checkpoint(tmp_path / "ckpt", family, model, tokenizer_path)
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
-    ours = Tokenizer.load(tokenizer_path)
+    ours = load_tokenizer(tokenizer_path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = ours.encode(TEXT)
     assert 2 < len(ids) < len(TEXT.encode())  # merges happened, and byte fallback for 日本 🎉

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from megatrain.data.manifest import Manifest
-from megatrain.data.objectives import (
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
+from megatrain.data.stream.objectives import (
     IGNORE,
     CausalLM,
     MaskedLM,
@@ -24,9 +25,9 @@ from megatrain.data.objectives import (
     raw_length_for,
     span_lengths,
 )
-from megatrain.data.packing import Window
-from megatrain.data.stream import build_train_stream, window_batch
-from megatrain.data.tokenizer import WORD_END, WORD_START, Tokenizer, train_tokenizer
+from megatrain.data.stream.packing import Window
+from megatrain.data.stream.train_stream import build_train_stream, window_batch
+from megatrain.data.tokenizer import WORD_END, WORD_START, Tokenizer, load_tokenizer
 from megatrain.errors import ConfigError
 
 EOS, MASK, VOCAB = 2, 6, 1000
@@ -133,7 +134,7 @@ def test_missing_special_tokens_are_config_errors() -> None:
 @pytest.mark.parametrize("name", ["mlm", "mlm-wwm", "span"])
 def test_stream_resumes_random_objectives_exactly(prepared: Manifest, name: str) -> None:
     if name == "mlm-wwm":  # whole words need the corpus' real tokenizer
-        objective = build_objective("mlm", 32, Tokenizer.load(prepared.tokenizer_path),
+        objective = build_objective("mlm", 32, load_tokenizer(prepared.tokenizer_path),
                                     whole_word_masking=True)
     else:
         tokenizer = SimpleNamespace(**{**vars(TOKENIZER), "eos_id": prepared.eos_id})
@@ -177,7 +178,7 @@ def wwm_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     """A 512-piece tokenizer of each type trained on (ASCII) Shakespeare alone: the multi-byte
     characters of the lines in between fall back to their UTF-8 bytes."""
     model = tmp_path_factory.mktemp("wwm") / f"{request.param}.model"
-    return Tokenizer.load(train_tokenizer([shakespeare_text], model, 512,
+    return load_tokenizer(train_tokenizer([shakespeare_text], model, 512,
                                           model_type=request.param))
 
 
@@ -371,7 +372,7 @@ def test_whole_word_masking_is_mlm_only_and_read_from_the_config(tokenizer_model
         with initialize_config_module("megatrain.configs", version_base=None):
             cfg = compose("config", overrides=list(overrides))
         trainer = SimpleNamespace(cfg=cfg, spec=get_model_spec(cfg.model.family),
-                                  tokenizer=Tokenizer.load(tokenizer_model))
+                                  tokenizer=load_tokenizer(tokenizer_model))
         return Trainer._build_objective(trainer)
 
     assert objective("model=bert-tiny").word_table is None  # off by default
@@ -386,12 +387,12 @@ def test_hugging_face_word_tables(wwm_text: str, tmp_path: Path) -> None:
     tokenizer splits text at its whitespace; a WordPiece one at its pre-tokenizer's words."""
     tokenizers = pytest.importorskip("tokenizers")
     pytest.importorskip("transformers")
-    from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
+    from megatrain.data.tokenizer.convert_to_hf import save_hf_tokenizer
 
-    sp = Tokenizer.load(train_tokenizer([wwm_text], tmp_path / "sp.model", 512))
+    sp = load_tokenizer(train_tokenizer([wwm_text], tmp_path / "sp.model", 512))
     (tmp_path / "converted").mkdir()
     save_hf_tokenizer(sp.path, tmp_path / "converted")
-    converted = Tokenizer.load(tmp_path / "converted" / "tokenizer.json")
+    converted = load_tokenizer(tmp_path / "converted" / "tokenizer.json")
     assert type(converted) is not Tokenizer
     assert np.array_equal(converted.word_table(), sp.word_table())
 
@@ -403,7 +404,7 @@ def test_hugging_face_word_tables(wwm_text: str, tmp_path: Path) -> None:
         vocab_size=600, special_tokens=["<|endoftext|>", "<mask>"], show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(tmp_path / "byte_level.json"))
-    tok = Tokenizer.load(tmp_path / "byte_level.json")
+    tok = load_tokenizer(tmp_path / "byte_level.json")
     table = tok.word_table()
     assert table[tok.eos_id] == table[tok.mask_id] == WORD_START | WORD_END
     ids = np.asarray(tok.encode(sample))
@@ -418,7 +419,7 @@ def test_hugging_face_word_tables(wwm_text: str, tmp_path: Path) -> None:
         vocab_size=2000, show_progress=False,
         special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     wordpiece.save(str(tmp_path / "wordpiece.json"))
-    tok = Tokenizer.load(tmp_path / "wordpiece.json")
+    tok = load_tokenizer(tmp_path / "wordpiece.json")
     encoding = wordpiece.encode(sample)
     ids = np.asarray(encoding.ids)
     starts = _word_starts(tok.word_table(), ids)
@@ -447,7 +448,7 @@ def test_a_tokenizer_whose_pieces_carry_no_spaces_is_refused(wwm_text: str,
     bpe.train_from_iterator([wwm_text[:20_000]], tokenizers.trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "</s>", "[MASK]"], show_progress=False))
     bpe.save(str(tmp_path / "whitespace.json"))
-    tok = Tokenizer.load(tmp_path / "whitespace.json")
+    tok = load_tokenizer(tmp_path / "whitespace.json")
     with pytest.raises(ConfigError, match="do not mark word boundaries"):
         build_objective("mlm", 64, tok, whole_word_masking=True)
     build_objective("mlm", 64, tok)  # token-level masking is fine

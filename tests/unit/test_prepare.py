@@ -13,9 +13,9 @@ import pytest
 import webdataset as wds
 
 from megatrain.data.manifest import Manifest, sha256_file
-from megatrain.data.prepare import ensure_prepared, prepare, unigram_entropy
-from megatrain.data.sources import chunk_text, iter_documents, resolve_files
-from megatrain.data.tokenizer import Tokenizer
+from megatrain.data.prepare.pipeline import ensure_prepared, prepare, unigram_entropy
+from megatrain.data.prepare.sources import chunk_text, iter_documents, resolve_files
+from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError, DataError
 from megatrain.prepare import main
 
@@ -54,7 +54,7 @@ def test_manifest_matches_shard_contents(prepared: Manifest) -> None:
 
 def test_tokens_decode_back_to_the_source_documents(prepared: Manifest, corpus_dir: Path) -> None:
     samples = read_split(prepared, "train") | read_split(prepared, "eval")
-    tok = Tokenizer.load(prepared.tokenizer_path)
+    tok = load_tokenizer(prepared.tokenizer_path)
     docs = [d for d in iter_documents(str(corpus_dir)) if d.text]
     assert sorted(samples) == sorted(d.key for d in docs)  # the empty JSONL record is skipped
     assert prepared.stats["documents"] == len(docs)
@@ -282,7 +282,7 @@ def test_cleaning_normalizes_filters_and_counts(
     assert (stats["documents_read"], stats["dropped_short"], stats["dropped_duplicate"]) == (7, 2, 2)
     assert stats["documents"] == 3
     assert manifest.options["clean"] == {"normalize": "NFKC", "min_chars": 10, "dedup": True}
-    tok = Tokenizer.load(manifest.tokenizer_path)
+    tok = load_tokenizer(manifest.tokenizer_path)
     texts = {tok.decode(s["tokens"].tolist())
              for split in ("train", "eval") for s in read_split(manifest, split).values()}
     assert texts == {"caf\u00e9 au lait, twice\n", "fine ligature and FULL width\n",
@@ -355,7 +355,7 @@ def test_prepare_trains_a_char_model_that_round_trips(tmp_path: Path, corpus_dir
                        tokenizer_sample=2_000, workers=1, progress=False)
     assert manifest.options["tokenizer_type"] == "char"
     assert manifest.options["tokenizer_sample"] == 2_000
-    tok = Tokenizer.load(manifest.tokenizer_path)
+    tok = load_tokenizer(manifest.tokenizer_path)
     docs = {d.key: d.text for d in iter_documents(str(corpus_dir))}
     samples = read_split(manifest, "train") | read_split(manifest, "eval")
     assert len(samples) == len(docs)
@@ -368,8 +368,8 @@ def test_prepare_with_a_tokenizer_json_gives_the_same_tokens(
     prepared: Manifest, corpus_dir: Path, tokenizer_model: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("transformers")
-    from megatrain.data.hf_tokenizer import HFTokenizer
-    from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
+    from megatrain.data.tokenizer.convert_to_hf import save_hf_tokenizer
+    from megatrain.data.tokenizer.hf_tokenizer import HFTokenizer
 
     (tmp_path / "hf").mkdir()
     save_hf_tokenizer(tokenizer_model, tmp_path / "hf")
@@ -378,7 +378,7 @@ def test_prepare_with_a_tokenizer_json_gives_the_same_tokens(
                        shard_tokens=20_000, workers=2, progress=False)
     assert manifest.tokenizer_path.name == "tokenizer.json"
     assert (tmp_path / "o" / "tokenizer_config.json").is_file()
-    assert isinstance(Tokenizer.load(manifest.tokenizer_path), HFTokenizer)
+    assert isinstance(load_tokenizer(manifest.tokenizer_path), HFTokenizer)
     assert manifest.eos_id == prepared.eos_id
     ours, theirs = read_split(prepared, "train"), read_split(manifest, "train")
     assert ours.keys() == theirs.keys()

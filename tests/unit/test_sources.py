@@ -15,7 +15,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatrain.data.sources import (
+from megatrain.data.prepare.sources import (
     TXT_CHUNK_CHARS,
     chunk_text,
     iter_documents,

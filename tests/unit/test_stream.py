@@ -13,10 +13,10 @@ import torch
 import webdataset as wds
 
 from megatrain.data.manifest import Manifest
-from megatrain.data.mixture import Source
-from megatrain.data.packing import Packer
-from megatrain.data.reader import DocProducer, EpochOrder, fresh_reader_state
-from megatrain.data.stream import TrainStream, build_train_stream, iter_eval_batches
+from megatrain.data.stream.mixture import Source
+from megatrain.data.stream.order import DocProducer, EpochOrder, fresh_reader_state
+from megatrain.data.stream.packing import Packer
+from megatrain.data.stream.train_stream import TrainStream, build_train_stream, iter_eval_batches
 from megatrain.errors import DataError
 from tests.unit.stream_corpus import EOS, make_corpus
 

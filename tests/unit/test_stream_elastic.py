@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from megatrain.data.elastic import merge_source, split_pieces
 from megatrain.data.manifest import Manifest
-from megatrain.data.stream import TrainStream, build_train_stream
+from megatrain.data.stream.elastic import merge_source, split_pieces
+from megatrain.data.stream.train_stream import TrainStream, build_train_stream
 from megatrain.errors import DataError
 from tests.unit.stream_corpus import EOS, all_keys, make_corpus
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatrain.data.faults import fetch, parse_shard, read_shard
 from megatrain.data.manifest import Manifest
-from megatrain.data.stream import build_train_stream
+from megatrain.data.stream.shard_reader import fetch, parse_shard, read_shard
+from megatrain.data.stream.train_stream import build_train_stream
 from megatrain.errors import DataError
 from tests.unit.stream_corpus import all_keys, doc_tokens, make_corpus, npy, write_tar
 

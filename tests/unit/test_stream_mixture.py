@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from megatrain.data.manifest import Manifest
-from megatrain.data.mixture import MixtureEntry, Source, build_sources, choose, parse_mixture
-from megatrain.data.objectives import IGNORE
-from megatrain.data.stream import TrainStream, build_train_stream
+from megatrain.data.stream.mixture import MixtureEntry, Source, build_sources, choose, parse_mixture
+from megatrain.data.stream.objectives import IGNORE
+from megatrain.data.stream.train_stream import TrainStream, build_train_stream
 from megatrain.errors import ConfigError
 from tests.unit.stream_corpus import EOS, PAD, all_keys, make_corpus
 

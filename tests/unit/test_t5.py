@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from megatrain.data.tokenizer import train_tokenizer
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.export import main as export_main
 from megatrain.models import build_model, generate, get_model_spec, resolve_model_config

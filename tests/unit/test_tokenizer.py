@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatrain.data.sources import iter_documents
-from megatrain.data.tokenizer import Tokenizer, train_tokenizer
+from megatrain.data.prepare.sources import iter_documents
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
+from megatrain.data.tokenizer import Tokenizer, load_tokenizer
 from megatrain.errors import ConfigError, DataError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -35,7 +36,7 @@ def code_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     model = tmp_path_factory.mktemp("code_tok") / "tokenizer.model"
     path = train_tokenizer(texts, model, 1024, threads=2, max_sentences=20_000)
     assert path == model and not model.with_suffix(".vocab").exists()
-    return Tokenizer.load(model)
+    return load_tokenizer(model)
 
 
 def test_code_round_trips_exactly(code_tokenizer: Tokenizer) -> None:
@@ -76,11 +77,11 @@ def test_special_ids_and_no_implicit_bos_eos(code_tokenizer: Tokenizer) -> None:
 
 def test_load_missing_or_invalid_model_raises_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        Tokenizer.load(tmp_path / "nope.model")
+        load_tokenizer(tmp_path / "nope.model")
     bogus = tmp_path / "bogus.model"
     bogus.write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a SentencePiece model"):
-        Tokenizer.load(bogus)
+        load_tokenizer(bogus)
 
 
 def test_train_rejects_empty_corpus_and_tiny_vocab(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_unigram_and_char_models_round_trip_and_keep_the_control_tokens(
 ) -> None:
     model = train_tokenizer(stdlib_lines, tmp_path / "t.model", 1024, model_type=model_type,
                             max_sentences=5_000)
-    tok = Tokenizer.load(model)
+    tok = load_tokenizer(model)
     for text in (CODE, "naïve café — 東京 🐍\n\tx  = 1\n", (STDLIB / "textwrap.py").read_text()):
         assert tok.decode(tok.encode(text)) == text
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
@@ -134,8 +135,8 @@ def test_unknown_tokenizer_type_is_a_config_error(tmp_path: Path) -> None:
 
 def test_the_sample_size_bounds_what_the_tokenizer_sees(tmp_path: Path) -> None:
     lines = [f"word{i} " * 3 for i in range(4000)]
-    small = Tokenizer.load(train_tokenizer(lines, tmp_path / "s.model", 2048, max_sentences=20))
-    large = Tokenizer.load(train_tokenizer(lines, tmp_path / "l.model", 2048, max_sentences=4000))
+    small = load_tokenizer(train_tokenizer(lines, tmp_path / "s.model", 2048, max_sentences=20))
+    large = load_tokenizer(train_tokenizer(lines, tmp_path / "l.model", 2048, max_sentences=4000))
     assert small.vocab_size < large.vocab_size == 2048  # 20 lines hold too few merges
 
 
@@ -143,11 +144,11 @@ def test_tokenizer_json_loads_through_the_same_interface(
     code_tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
     pytest.importorskip("transformers")
-    from megatrain.data.hf_tokenizer import HFTokenizer
-    from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
+    from megatrain.data.tokenizer.convert_to_hf import save_hf_tokenizer
+    from megatrain.data.tokenizer.hf_tokenizer import HFTokenizer
 
     save_hf_tokenizer(code_tokenizer.path, tmp_path)
-    hf = Tokenizer.load(tmp_path / "tokenizer.json")
+    hf = load_tokenizer(tmp_path / "tokenizer.json")
     assert isinstance(hf, HFTokenizer)
     ids = ("unk_id", "bos_id", "eos_id", "pad_id", "cls_id", "sep_id", "mask_id", "sentinel_ids",
            "vocab_size")
@@ -171,7 +172,7 @@ def test_a_byte_level_tokenizer_json_under_any_name(tmp_path: Path) -> None:
     bpe.train_from_iterator([CODE] * 20, trainer)
     bpe.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer.json").rename(tmp_path / "copy.model")  # content decides, not name
-    tok = Tokenizer.load(tmp_path / "copy.model")
+    tok = load_tokenizer(tmp_path / "copy.model")
     assert tok.eos_id == tok.bos_id == 0 and tok.unk_id == tok.pad_id == tok.mask_id == -1
     assert tok.sentinel_ids == [] and tok.vocab_size == bpe.get_vocab_size()
     for text in (CODE, "naïve café — 東京 🐍"):
@@ -180,9 +181,9 @@ def test_a_byte_level_tokenizer_json_under_any_name(tmp_path: Path) -> None:
 
 def test_a_folder_or_a_bad_tokenizer_json(tmp_path: Path, code_tokenizer: Tokenizer) -> None:
     with pytest.raises(DataError, match="neither tokenizer.model nor tokenizer.json"):
-        Tokenizer.load(tmp_path)
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(DataError, match="not a Hugging Face tokenizer.json"):
-        Tokenizer.load(tmp_path)
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(code_tokenizer.path.read_bytes())
-    assert Tokenizer.load(tmp_path).path.name == "tokenizer.model"  # preferred when both exist
+    assert load_tokenizer(tmp_path).path.name == "tokenizer.model"  # preferred when both exist

@@ -15,10 +15,11 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
-from megatrain.data.prepare import prepare
-from megatrain.data.sources import iter_documents
-from megatrain.data.tokenizer import CONTROL_TOKENS, Tokenizer, train_tokenizer
-from megatrain.data.tokenizer_to_hf import save_hf_tokenizer
+from megatrain.data.prepare.pipeline import prepare
+from megatrain.data.prepare.sources import iter_documents
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
+from megatrain.data.tokenizer import CONTROL_TOKENS, Tokenizer, load_tokenizer
+from megatrain.data.tokenizer.convert_to_hf import save_hf_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.export import main as export_main
 from megatrain.models import GPT, GPTConfig
@@ -87,7 +88,7 @@ def sp_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                  train_texts: list[str]) -> Tokenizer:
     """A tokenizer trained as ``megatrain-prepare --tokenizer-type TYPE`` trains it."""
     folder = tmp_path_factory.mktemp(request.param)
-    return Tokenizer.load(train_tokenizer(train_texts, folder / "tokenizer.model", VOCAB,
+    return load_tokenizer(train_tokenizer(train_texts, folder / "tokenizer.model", VOCAB,
                                           model_type=request.param, threads=2))
 
 
@@ -148,7 +149,7 @@ def test_exported_sentencepiece_tokenizer_keeps_the_special_token_roles(
     ids = [ours.bos_id, ours.mask_id, *ours.encode("To be"), *ours.sentinel_ids[:2], ours.eos_id]
     assert hf.decode(ids, skip_special_tokens=True) == "To be"
     # megatrain reads the exported tokenizer.json (and its tokenizer_config.json) alike.
-    assert _roles(Tokenizer.load(tmp_path / "tokenizer.json")) == _roles(ours)
+    assert _roles(load_tokenizer(tmp_path / "tokenizer.json")) == _roles(ours)
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram", "char"])
@@ -156,7 +157,7 @@ def test_byte_pieces_spelled_out_in_code_stay_text(model_type: str, tmp_path: Pa
     """A code tokenizer knows every character of ``<0x41>``: the text is those characters, as in
     SentencePiece, not the byte piece (a Unigram matches any piece it holds)."""
     texts = [doc.text for _, doc in zip(range(60), iter_documents("stdlib"))]
-    ours = Tokenizer.load(train_tokenizer(texts, tmp_path / "tok" / "tokenizer.model", VOCAB,
+    ours = load_tokenizer(train_tokenizer(texts, tmp_path / "tok" / "tokenizer.model", VOCAB,
                                           model_type=model_type, max_sentences=5_000))
     assert all(not ours._sp.id_to_piece(i).startswith("<0x") for i in ours.encode("<0x41>"))
     hf = _export(ours.path, tmp_path / "hf")
@@ -213,13 +214,13 @@ def hf_prepared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 def test_a_tokenizer_json_corpus_exports_that_tokenizer(
     hf_prepared: Path, held_out: list[str], tmp_path: Path
 ) -> None:
-    ours = Tokenizer.load(hf_prepared)
+    ours = load_tokenizer(hf_prepared)
     assert ours.eos_id >= 0
     hf = _export(hf_prepared / "tokenizer.json", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json",
                                                           "tokenizer_config.json"]
     _assert_same_ids(hf, ours, held_out)
-    assert _roles(Tokenizer.load(tmp_path / "tokenizer.json")) == _roles(ours)
+    assert _roles(load_tokenizer(tmp_path / "tokenizer.json")) == _roles(ours)
     assert (hf.eos_token_id, hf.bos_token_id) == (ours.eos_id, ours.bos_id if ours.bos_id >= 0
                                                   else None)
     # The tokenizer as it was: its post-processor still appends T5's "</s>".
@@ -247,7 +248,7 @@ def test_megatrain_export_writes_the_tokenizer_of_the_checkpoint(
     else:
         tokenizer = train_tokenizer(train_texts, tmp_path / "tok" / "tokenizer.model", 512,
                                     model_type=kind, threads=2)
-    ours = Tokenizer.load(tokenizer)
+    ours = load_tokenizer(tokenizer)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, vocab_size=ours.vocab_size,
                           max_seq_len=32))

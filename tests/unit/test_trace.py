@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatrain.data.trace import TraceWriter, read_traces
+from megatrain.data.stream.trace import TraceWriter, read_traces
 
 
 def test_a_resume_drops_lines_past_the_resumed_step(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""A Hugging Face ``tokenizer.json`` behind megatrain's :class:`Tokenizer` interface.
+"""A Hugging Face ``tokenizer.json`` behind megatrain's :class:`~megatrain.data.tokenizer.base.
+Tokenizer` interface.
 
 So a corpus can be prepared with the exact tokenizer of an existing model (GPT-2, Llama, T5 …).
 ``tokenizer.json`` does not say which token plays which role, so the roles come from a
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from megatrain.data.tokenizer import WORD_ALONE, WORD_START, Tokenizer, piece_word_flags
+from megatrain.data.tokenizer.base import WORD_ALONE, WORD_START, Tokenizer, piece_word_flags
 from megatrain.errors import ConfigError, DataError
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -34,24 +35,22 @@ ROLE_CANDIDATES: dict[str, tuple[str, ...]] = {
 class HFTokenizer(Tokenizer):
     """The ``tokenizers`` library's fast tokenizer with megatrain's ids and methods."""
 
+    file_name = "tokenizer.json"
+
     def __init__(self, backend: Any, path: Path, roles: dict[str, str]) -> None:
-        # Tokenizer.__init__ reads a SentencePiece processor; this adapter sets the same fields.
         self._hf = backend
-        self.path = path
         self.roles = roles  # role -> token string ("eos" -> "</s>"), as the export names them
         vocab = backend.get_vocab(with_added_tokens=True)
-        self.vocab_size: int = max(vocab.values()) + 1
-        ids = {role: vocab.get(token, -1) for role, token in roles.items()}
-        self.unk_id: int = ids.get("unk", -1)
-        self.bos_id: int = ids.get("bos", -1)
-        self.eos_id: int = ids.get("eos", -1)
-        self.pad_id: int = ids.get("pad", -1)
-        self.cls_id: int = ids.get("cls", -1)
-        self.sep_id: int = ids.get("sep", -1)
-        self.mask_id: int = ids.get("mask", -1)
-        self.sentinel_ids: list[int] = []
-        while (sid := vocab.get(f"<extra_id_{len(self.sentinel_ids)}>", -1)) >= 0:
-            self.sentinel_ids.append(sid)
+        sentinels: list[int] = []
+        while (sid := vocab.get(f"<extra_id_{len(sentinels)}>", -1)) >= 0:
+            sentinels.append(sid)
+        super().__init__(path, max(vocab.values()) + 1,
+                         {role: vocab.get(token, -1) for role, token in roles.items()}, sentinels)
+
+    def companion_files(self) -> list[Path]:
+        """``tokenizer_config.json`` beside it, when there is one: it names the roles."""
+        config = self.path.parent / CONFIG_FILE
+        return [config] if config.is_file() else []
 
     @classmethod
     def from_file(cls, path: Path) -> HFTokenizer:
@@ -71,24 +70,20 @@ class HFTokenizer(Tokenizer):
         return cls(backend, path, special_roles(vocab, path.parent / CONFIG_FILE))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, without special tokens."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
-        """Token ids of each text (``tokenizers`` batches in Rust; ``threads`` is its own)."""
+        """(``tokenizers`` batches in Rust with its own threads.)"""
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
     def encode_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
-        """Token ids of each text as integer arrays."""
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids``, special tokens left out."""
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def word_table(self) -> np.ndarray:
-        """(vocab_size,) uint8 word flags of every id, as :meth:`Tokenizer.word_table`: for a
-        WordPiece model a piece without the ``##`` prefix starts a word (BERT's rule); for a
+        """For a WordPiece model a piece without the ``##`` prefix starts a word (BERT's rule); for a
         byte-level model (GPT-2's ``Ġ``) a piece is read as the bytes it stands for; otherwise
         the Metaspace ``▁`` marks spaces and byte-fallback pieces ``<0xNN>`` are bytes. Special
         added tokens, and ids the vocabulary skips, stand alone."""

@@ -22,7 +22,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -32,11 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megatrain.data.clean import Cleaner, CleanOptions
-from megatrain.data.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
-from megatrain.data.journal import Journal, JournalShard
 from megatrain.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, sha256_file
-from megatrain.data.shards import (
+from megatrain.data.prepare.clean import Cleaner, CleanOptions
+from megatrain.data.prepare.journal import Journal, JournalShard
+from megatrain.data.prepare.shard_writer import (
     TMP_SUFFIX,
     Encoded,
     ShardLimit,
@@ -44,7 +42,7 @@ from megatrain.data.shards import (
     shard_token_counts,
     token_dtype,
 )
-from megatrain.data.sources import (
+from megatrain.data.prepare.sources import (
     DEFAULT_TEXT_FIELD,
     STDLIB,
     Document,
@@ -52,19 +50,21 @@ from megatrain.data.sources import (
     resolve_files,
     slugify,
 )
-from megatrain.data.tokenizer import (
+from megatrain.data.prepare.train_tokenizer import (
     DEFAULT_MAX_SENTENCES,
     TOKENIZER_FORMAT,
     TOKENIZER_TYPES,
-    Tokenizer,
-    find_tokenizer_file,
-    is_hf_tokenizer_file,
     train_tokenizer,
 )
+from megatrain.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
+from megatrain.data.tokenizer.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
 from megatrain.errors import ConfigError, DataError
 
-SP_FILE = "tokenizer.model"
-HF_FILE = "tokenizer.json"
 DEFAULT_SHARD_TOKENS = 1_000_000
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 18
@@ -187,16 +187,16 @@ class _Run:
         manifest.save()
         return manifest
 
-    def _tokenizer(self, journal: Journal, given: Path | None) -> Tokenizer:
+    def _tokenizer(self, journal: Journal, given: Tokenizer | None) -> Tokenizer:
         """The journal's tokenizer when its file is intact, else a copied or trained one."""
         recorded = journal.tokenizer
         if recorded is not None:
             path = self.out / recorded["file"]
             if path.is_file() and sha256_file(path) == recorded["sha256"]:
-                return Tokenizer.load(path)
-        path = _copy_tokenizer(given, self.out) if given else self._train_tokenizer()
+                return load_tokenizer(path)
+        path = given.save(self.out) if given else self._train_tokenizer()
         journal.set_tokenizer({"file": path.name, "sha256": sha256_file(path)})
-        return Tokenizer.load(path)
+        return load_tokenizer(path)
 
     def _documents(self) -> Iterator[Document]:
         o = self.options
@@ -205,7 +205,7 @@ class _Run:
     def _train_tokenizer(self) -> Path:
         o = self.options
         texts = (d.text for d in Cleaner(o.clean)(self._documents()))
-        return train_tokenizer(texts, self.out / SP_FILE, o.vocab_size, model_type=o.tokenizer_type,
+        return train_tokenizer(texts, self.out / SentencePieceTokenizer.file_name, o.vocab_size, model_type=o.tokenizer_type,
                                threads=self.workers, max_sentences=o.tokenizer_sample, seed=o.seed)
 
     def _tokenize(
@@ -223,28 +223,14 @@ class _Run:
                 bar.update()
 
 
-def _given_tokenizer(tokenizer: str | None) -> Path | None:
-    """The file of a ``--tokenizer`` (a model, a tokenizer.json, or a folder with either)."""
-    if tokenizer is None:
-        return None
-    path = find_tokenizer_file(Path(tokenizer).expanduser())
-    Tokenizer.load(path)  # DataError now if it is not a tokenizer
-    return path
+def _given_tokenizer(tokenizer: str | None) -> Tokenizer | None:
+    """A ``--tokenizer`` (a model, a tokenizer.json, or a folder with either), loaded: DataError
+    now if it is not a tokenizer."""
+    return None if tokenizer is None else load_tokenizer(Path(tokenizer).expanduser())
 
 
-def _copy_tokenizer(given: Path, out: Path) -> Path:
-    """Copy a given tokenizer into ``out`` (with its tokenizer_config.json, for HF)."""
-    hf = is_hf_tokenizer_file(given)
-    target = out / (HF_FILE if hf else SP_FILE)
-    if given.resolve() != target.resolve():
-        shutil.copyfile(given, target)
-    config = given.parent / HF_CONFIG_FILE
-    if hf and config.is_file() and config.resolve() != (out / HF_CONFIG_FILE).resolve():
-        shutil.copyfile(config, out / HF_CONFIG_FILE)
-    return target
-
-
-def _fingerprint(options: PrepareOptions, files: list[tuple[Path, str]], given: Path | None) -> str:
+def _fingerprint(options: PrepareOptions, files: list[tuple[Path, str]],
+                 given: Tokenizer | None) -> str:
     """A hash of what decides the output: the files (name, size, mtime), options, tokenizer."""
     digest = hashlib.sha256()
     for path, label in files:
@@ -253,7 +239,7 @@ def _fingerprint(options: PrepareOptions, files: list[tuple[Path, str]], given: 
     config = {
         "source": options.source,
         "options": options.to_json(),
-        "tokenizer": sha256_file(given) if given else None,
+        "tokenizer": sha256_file(given.path) if given else None,
         "files": digest.hexdigest(),
     }
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
@@ -264,12 +250,12 @@ def _shard_files(out: Path) -> Iterator[Path]:
     return itertools.chain.from_iterable(out.glob(p) for p in patterns)
 
 
-def _clear_outputs(out: Path, keep: Path | None) -> None:
+def _clear_outputs(out: Path, keep: Tokenizer | None) -> None:
     """A fresh start: remove an earlier run's shards and tokenizer (unless it is the given one)."""
     for old in _shard_files(out):
         old.unlink()
-    kept = {keep.resolve(), (keep.parent / HF_CONFIG_FILE).resolve()} if keep else set()
-    for name in (SP_FILE, HF_FILE, HF_CONFIG_FILE):
+    kept = {f.resolve() for f in [keep.path, *keep.companion_files()]} if keep else set()
+    for name in (SentencePieceTokenizer.file_name, HFTokenizer.file_name, HF_CONFIG_FILE):
         if (out / name).resolve() not in kept:
             (out / name).unlink(missing_ok=True)
 
@@ -390,7 +376,7 @@ def _init_worker(model: str, pool: bool = False) -> None:
     global _worker_tokenizer
     if pool:  # one thread per worker process, also for Hugging Face tokenizers (rayon)
         os.environ["RAYON_NUM_THREADS"] = "1"
-    _worker_tokenizer = Tokenizer.load(model)
+    _worker_tokenizer = load_tokenizer(model)
 
 
 def _encode_chunk(chunk: list[tuple[str, Document]]) -> list[Encoded]:

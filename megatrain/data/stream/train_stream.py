@@ -1,12 +1,12 @@
 """Deterministic, elastic, resumable, packed stream of training batches over prepared shards.
 
-Order (``megatrain.data.reader``). Each epoch's order of a source's samples is a function of
+Order (``megatrain.data.stream.order``). Each epoch's order of a source's samples is a function of
 (seed, source, epoch) only, over a global sample index. There are R = world_size ×
 max(1, num_workers) readers; reader ``r = rank × W + worker`` reads ``[r·N/R, (r+1)·N/R)`` of
-each epoch (of each source, interleaved by weight in a mixture: ``megatrain.data.mixture``).
+each epoch (of each source, interleaved by weight in a mixture: ``megatrain.data.stream.mixture``).
 
-Packing (``megatrain.data.packing``). A reader packs its documents into windows that the
-objective (``megatrain.data.objectives``) turns into tensors; the objective's random draws are
+Packing (``megatrain.data.stream.packing``). A reader packs its documents into windows that the
+objective (``megatrain.data.stream.objectives``) turns into tensors; the objective's random draws are
 seeded by where the window starts in the global order, so a resume or another world size draws
 the same masks for the same window.
 
@@ -17,9 +17,9 @@ readers' states and how many batches were consumed (the DataLoader hands batches
 round-robin from workers 0..W-1; on an exact resume each worker plays the reader whose turn it
 is). ``load_state_dict`` takes this rank's state (same world size and workers: bit-identical
 continuation) or *every* old rank's state (any layout: the remaining work is re-split,
-``megatrain.data.elastic``, so no sample of the epoch is repeated or dropped).
+``megatrain.data.stream.elastic``, so no sample of the epoch is repeated or dropped).
 
-Faults (``megatrain.data.faults``). Bad samples are skipped and counted; past
+Faults (``megatrain.data.stream.shard_reader``). Bad samples are skipped and counted; past
 ``max_skip_fraction`` of an epoch's samples (this rank's share) the stream raises a DataError
 naming the shards. Keys of the documents each batch consumed travel with it (``pop_trace``).
 """
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megatrain.data.elastic import merge_readers
 from megatrain.data.manifest import Manifest, ShardInfo
-from megatrain.data.mixture import Source
-from megatrain.data.objectives import CausalLM, Objective, padded_batch
-from megatrain.data.packing import Packer, RowPacker, Window
-from megatrain.data.reader import DocProducer, SkipEvent, fresh_reader_state
+from megatrain.data.stream.elastic import merge_readers
+from megatrain.data.stream.mixture import Source
+from megatrain.data.stream.objectives import CausalLM, Objective, padded_batch
+from megatrain.data.stream.order import DocProducer, SkipEvent, fresh_reader_state
+from megatrain.data.stream.packing import Packer, RowPacker, Window
 from megatrain.errors import ConfigError, DataError
 
 STATE_VERSION = 2

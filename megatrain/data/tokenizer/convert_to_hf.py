@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatrain.data.tokenizer.base import Tokenizer
+from megatrain.data.tokenizer.files import load_tokenizer
+from megatrain.data.tokenizer.hf_tokenizer import CONFIG_FILE, HFTokenizer
 from megatrain.errors import ConfigError
 from megatrain.models.common.hf import import_transformers
 
@@ -69,22 +72,21 @@ class ConvertedTokenizer:
         self.fast.save_pretrained(out_dir)
 
 
-def hf_tokenizer(path: Path) -> ConvertedTokenizer:
-    """Convert megatrain's tokenizer file ``path`` (a SentencePiece model, or a Hugging Face
-    tokenizer.json whatever its name); a ConfigError says why one cannot be."""
-    from megatrain.data.tokenizer import is_hf_tokenizer_file
-
+def to_hf_tokenizer(tokenizer: Tokenizer) -> ConvertedTokenizer:
+    """Convert megatrain's tokenizer (a SentencePiece model or a Hugging Face tokenizer.json) to
+    a Hugging Face fast tokenizer; a ConfigError says why one cannot be."""
     transformers = import_transformers()
-    path = Path(path)
-    hf_json = is_hf_tokenizer_file(path)
-    tok, specials = _given_hf_tokenizer(path) if hf_json else _fast_tokenizer(path)
+    if isinstance(tokenizer, HFTokenizer):
+        tok, specials, model = *_given_hf_tokenizer(tokenizer), None
+    else:
+        tok, specials, model = *_fast_tokenizer(tokenizer.path), tokenizer.path
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
-    return ConvertedTokenizer(fast, None if hf_json else path)
+    return ConvertedTokenizer(fast, model)
 
 
 def save_hf_tokenizer(path: Path, out_dir: Path) -> None:
-    """Write ``out_dir``'s tokenizer for megatrain's tokenizer file ``path``."""
-    hf_tokenizer(path).save(out_dir)
+    """Write ``out_dir``'s Hugging Face tokenizer for megatrain's tokenizer file ``path``."""
+    to_hf_tokenizer(load_tokenizer(path)).save(out_dir)
 
 
 # --- SentencePiece models -----------------------------------------------------------------------
@@ -242,18 +244,15 @@ def _isolate_unmatched_characters(proto: Any) -> Any:
 # --- Hugging Face tokenizer.json ------------------------------------------------------------------
 
 
-def _given_hf_tokenizer(path: Path) -> tuple[Any, dict[str, Any]]:
-    """The ``tokenizers.Tokenizer`` of ``path`` and the special tokens megatrain assigns it
-    (from a ``tokenizer_config.json`` beside it, else the usual spellings)."""
-    from megatrain.data.hf_tokenizer import CONFIG_FILE, HFTokenizer
-
-    hf = HFTokenizer.from_file(path)
+def _given_hf_tokenizer(hf: HFTokenizer) -> tuple[Any, dict[str, Any]]:
+    """The ``tokenizers.Tokenizer`` of ``hf`` and the special tokens megatrain assigns it (from a
+    ``tokenizer_config.json`` beside it, else the usual spellings)."""
     backend = hf._hf
     specials: dict[str, Any] = {f"{role}_token": token for role, token in hf.roles.items()}
     sentinels = [backend.id_to_token(i) for i in hf.sentinel_ids]
     if sentinels:
         specials["additional_special_tokens"] = sentinels
-    config_file = path.parent / CONFIG_FILE
+    config_file = hf.path.parent / CONFIG_FILE
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))  # valid: roles read it
         specials.update({k: config[k] for k in _KEPT_CONFIG if config.get(k) is not None})

@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-from megatrain.data.sources import Document
+from megatrain.data.prepare.sources import Document
 from megatrain.errors import ConfigError
 
 NORMALIZE_FORMS = ("none", "NFC", "NFKC")

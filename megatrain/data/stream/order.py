@@ -8,8 +8,8 @@ global order of the source's N samples, a function of (seed, source, epoch) only
 Position. A reader's position in a source is a queue of pieces ``[epoch, a, b, off]`` (global
 indices ``a..b-1``, the first one ``off`` tokens in), then every epoch from ``next`` on as the
 reader's normal share ``[r·N/R, (r+1)·N/R)``. A fresh reader is ``{"todo": [], "next": 0}``;
-``megatrain.data.elastic`` re-splits positions for a new number of readers. With several
-sources a reader interleaves them by weight (``megatrain.data.mixture.choose``); its position
+``megatrain.data.stream.elastic`` re-splits positions for a new number of readers. With several
+sources a reader interleaves them by weight (``megatrain.data.stream.mixture.choose``); its position
 also holds the tokens it has taken from each, which is all that choice depends on.
 
 Every document carries the position from which it is the next one produced, so "document d,
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from megatrain.data.elastic import share
-from megatrain.data.faults import ShardRead, read_shard
-from megatrain.data.mixture import Source, choose
+from megatrain.data.stream.elastic import share
+from megatrain.data.stream.mixture import Source, choose
+from megatrain.data.stream.shard_reader import ShardRead, read_shard
 
 Position = tuple[list, int, int, int]
 """(todo, item, g, next): a source cursor's queue, the piece and index it is at, next epoch."""

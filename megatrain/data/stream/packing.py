@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from megatrain.data.reader import Doc, DocProducer
+from megatrain.data.stream.order import Doc, DocProducer
 
 
 @dataclass(slots=True)
