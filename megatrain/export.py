@@ -1,86 +1,8 @@
-"""``megatrain-export``: a checkpoint -> a Hugging Face model directory.
+"""``python -m megatrain.export``: the same command as ``megatrain-export`` (``megatrain.cli.export``)."""
 
-    megatrain-export --checkpoint outputs/quickstart --out hf/quickstart
-
-The directory holds config.json, model.safetensors and the tokenizer (tokenizer.json,
-tokenizer_config.json, and tokenizer.model for a SentencePiece one); the family's ``transformers`` class (GPT2LMHeadModel,
-LlamaForCausalLM, BertForMaskedLM, T5ForConditionalGeneration; config.json's ``architectures``)
-and ``AutoTokenizer`` load it. The converted weights are first loaded strictly into that class
-(built on the meta device) and the tokenizer is converted, so a name or shape the class would
-not take, or a tokenizer Hugging Face cannot reproduce, fails the export before it writes.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from megatrain.data.tokenizer.convert_to_hf import to_hf_tokenizer
-from megatrain.errors import ConfigError, MegatrainError
-from megatrain.generate import load_model
-from megatrain.models.registry import spec_for_config
-
-
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the Hugging Face directory ``out`` for ``checkpoint`` (a checkpoint or run folder)."""
-    model, tokenizer = load_model(checkpoint, torch.device("cpu"))
-    spec = spec_for_config(model.config)
-    if spec.hf is None:
-        raise ConfigError(f"model.family={spec.family} has no Hugging Face adapter")
-    hf_config = spec.hf.hf_config(model.config)
-    hf_config.bos_token_id, hf_config.eos_token_id = _id(tokenizer.bos_id), _id(tokenizer.eos_id)
-    hf_config.pad_token_id = _id(tokenizer.pad_id)
-    hf_state_dict = spec.hf.state_dict_to_hf(model.state_dict())
-    spec.hf.check_loads(hf_config, hf_state_dict)  # before anything is written
-    hf_tok = to_hf_tokenizer(tokenizer)  # also: a tokenizer that cannot convert writes nothing
-    state_dict = _without_aliases(hf_state_dict)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
-    hf_tok.save(out)
-    return out
-
-
-def _without_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop every later name of a tensor stored under an earlier one (a tied output head is the
-    token embedding): safetensors stores a tensor once and transformers re-ties on load."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state_dict.items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            out[name] = tensor
-    return out
-
-
-def _id(token_id: int) -> int | None:
-    return token_id if token_id >= 0 else None
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatrain-export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("--out", required=True, help="the Hugging Face directory to write")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out)
-    except MegatrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
-
+from megatrain.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

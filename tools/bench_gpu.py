@@ -157,8 +157,8 @@ def train_cases(quick: bool) -> dict[str, list[str]]:
 
 
 def _planned_gb(overrides: list[str]) -> float:
-    from megatrain.plan import compose_config
-    from megatrain.training.planner import plan_from_config
+    from megatrain.config.compose import compose_config
+    from megatrain.training.memory_plan import plan_from_config
 
     return plan_from_config(compose_config(overrides), 1, None).total / 1e9
 

@@ -34,10 +34,10 @@ from megatrain.training import checkpoint as ckpt
 from megatrain.training.data_setup import resolve_train_data
 from megatrain.training.engine import initialize_engine, resolve_precision
 from megatrain.training.faults import FaultInjection, Preempted, StopSignals
-from megatrain.training.init_from import pretrained_config
 from megatrain.training.metrics import Throughput, memory_gb
 from megatrain.training.numerics import StepGuard, Verdict
 from megatrain.training.parallelize import parallelize
+from megatrain.training.pretrained import pretrained_config
 
 log = logging.getLogger("megatrain")
 

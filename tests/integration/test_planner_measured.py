@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from megatrain.config import register_configs
-from megatrain.training.planner import plan_from_config
+from megatrain.training.memory_plan import plan_from_config
 from tests.integration.helpers import REPO, _free_port, env_for_tests
 
 pytestmark = pytest.mark.integration

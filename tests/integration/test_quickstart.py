@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.generate import load_model
+from megatrain.training.pretrained import load_trained_model
 from tests.integration.helpers import env_for_tests, losses, metrics, run_module
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,7 @@ def test_bert_and_t5_quickstarts_learn_and_export(tmp_path: Path, cache: Path, e
     export = run_module("export", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "hf")])
     assert export.returncode == 0, export.stderr[-3000:]
     hf = getattr(transformers, auto_class).from_pretrained(tmp_path / "hf").eval()
-    ours, _ = load_model(run_dir, torch.device("cpu"))
+    ours, _ = load_trained_model(run_dir)
     ids = torch.randint(5, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids}
     if experiment == "t5_quickstart":

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from megatrain.cli.export import main as export_main
 from megatrain.config.schema import ModelConfig
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError
-from megatrain.export import main as export_main
 from megatrain.models import build_model, get_model_spec, resolve_model_config
 from megatrain.models.bert import Bert, BertConfig, PostNormBlock, bert_flops_per_token
 from megatrain.models.bert.hf import (

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatrain.cli.export import main
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.data.tokenizer import load_tokenizer
-from megatrain.export import main
 from megatrain.models import GPT, GPTConfig, Llama, LlamaConfig
 from megatrain.models.registry import load_hf_pretrained
 from tests.unit.checkpoints import write_stage0_checkpoint

@@ -10,13 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from megatrain.cli.plan import main
+from megatrain.config.compose import compose_config
 from megatrain.errors import ConfigError
 from megatrain.models.gpt2.model import GPTConfig
 from megatrain.models.registry import get_model_spec, resolve_model_config
-from megatrain.plan import compose_config, main
 from megatrain.training.engine import build_optimizer
-from megatrain.training.parallelize import parallelize
-from megatrain.training.planner import (
+from megatrain.training.memory_plan import (
     GB,
     activation_bytes,
     model_param_groups,
@@ -26,6 +26,7 @@ from megatrain.training.planner import (
     stage3_subgroups,
     zero12_partition,
 )
+from megatrain.training.parallelize import parallelize
 
 # Counted by hand: tok_emb 16·8 = 128, pos_emb 8·8 = 64; the block's matrices qkv 8·24 = 192,
 # proj 64, fc 8·32 = 256, proj 256 (the tied head is the embedding); its vectors ln_1 8 + 8, qkv

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from megatrain.cli.prepare import main
 from megatrain.data.manifest import Manifest, sha256_file
 from megatrain.data.prepare.pipeline import ensure_prepared, prepare, unigram_entropy
 from megatrain.data.prepare.sources import chunk_text, iter_documents, resolve_files
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError, DataError
-from megatrain.prepare import main
 
 
 def read_split(manifest: Manifest, split: str) -> dict[str, dict]:

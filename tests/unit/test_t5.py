@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from megatrain.cli.export import main as export_main
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.errors import ConfigError
-from megatrain.export import main as export_main
 from megatrain.models import build_model, generate, get_model_spec, resolve_model_config
 from megatrain.models.registry import load_hf_pretrained
 from megatrain.models.t5 import (

@@ -15,13 +15,13 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
+from megatrain.cli.export import main as export_main
 from megatrain.data.prepare.pipeline import prepare
 from megatrain.data.prepare.sources import iter_documents
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.data.tokenizer import CONTROL_TOKENS, Tokenizer, load_tokenizer
 from megatrain.data.tokenizer.convert_to_hf import save_hf_tokenizer
 from megatrain.errors import ConfigError
-from megatrain.export import main as export_main
 from megatrain.models import GPT, GPTConfig
 from tests.conftest import SHAKESPEARE, SHARED_DATA, SLICE_CHARS
 from tests.unit.checkpoints import write_stage0_checkpoint

@@ -1,4 +1,5 @@
-"""``model.init_from``: the config and weights a run starts from instead of a random init."""
+"""Trained models from elsewhere: a megatrain checkpoint or a Hugging Face folder, as
+``model.init_from`` starts from them, and as generate and export load them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from megatrain.data.tokenizer import Tokenizer, load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.models.registry import get_model_spec, load_hf_pretrained
 
@@ -51,3 +54,15 @@ def pretrained_config(source: str, model_cfg: Any, vocab_size: int,
                           "with that model's tokenizer")
     config.attn_impl, config.dropout = model_cfg.attn_impl, model_cfg.dropout
     return config, state_dict
+
+
+def load_trained_model(checkpoint: str | Path,
+                       device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """A plain fp32 model in eval mode and its tokenizer, from a checkpoint, checkpoints or run
+    folder."""
+    from megatrain.training.checkpoint import resolve_checkpoint_path
+
+    family, config, state_dict = load_checkpoint_model(checkpoint)
+    model = get_model_spec(family).build(config, device, torch.float32)
+    model.load_state_dict(state_dict)
+    return model.eval(), load_tokenizer(resolve_checkpoint_path(Path(checkpoint)))

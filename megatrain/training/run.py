@@ -1,0 +1,82 @@
+"""One training run from a composed config: the world, the run folder, the trainer, the final
+report and sample. ``megatrain-train`` (``megatrain.cli.train``) is the Hydra layer over it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig, OmegaConf
+
+from megatrain.config.schema import Config
+from megatrain.config.validate import check_ranges
+from megatrain.errors import MegatrainError
+
+if TYPE_CHECKING:
+    from megatrain.training.trainer import Trainer
+
+log = logging.getLogger("megatrain")
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Train with a composed config; returns the final eval metrics."""
+    check_ranges(cfg, Config)  # before any process group, model or data exists
+    from megatrain.distributed import detect_world, init_distributed
+    from megatrain.logging import setup_console_logging
+
+    world = detect_world()
+    setup_console_logging(world.rank)
+    device = init_distributed(world, cfg.trainer.collective_timeout_s)
+    from megatrain.training.faults import StopSignals
+    from megatrain.training.trainer import Trainer  # imports DeepSpeed: after DS_ACCELERATOR
+
+    signals = StopSignals()  # before the slow set-up, so an early SIGTERM / SIGUSR1 is kept
+
+    run_dir = Path(cfg.run.dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = Trainer(cfg, world, device, signals)
+    try:
+        result = _train(trainer)
+        _report(trainer, result)
+        if cfg.trainer.sample_prompt:
+            text = trainer.sample(cfg.trainer.sample_prompt, cfg.trainer.sample_tokens)
+            if world.is_main:
+                print(f"\n----- sample (prompt {cfg.trainer.sample_prompt!r}) -----\n{text}\n"
+                      "-----", flush=True)
+    finally:
+        trainer.close()
+    return result
+
+
+class PeerFailure(MegatrainError):
+    """A collective failed or timed out: another rank died or stalls."""
+
+
+def _train(trainer: Trainer) -> dict[str, float]:
+    """``trainer.train()``, with a failed collective reported as what it almost always is."""
+    import torch.distributed as dist
+
+    try:
+        return trainer.train()
+    except (dist.DistError, RuntimeError) as err:
+        text = str(err)
+        if not isinstance(err, dist.DistError) and not any(
+                word in text for word in ("gloo", "NCCL", "Timed out", "timed out")):
+            raise
+        raise PeerFailure(f"rank {trainer.world.rank}: a collective failed ({text.strip()[:300]}); "
+                          "another rank died or stalled for longer than "
+                          f"trainer.collective_timeout_s={trainer.cfg.trainer.collective_timeout_s}"
+                          "; its log says why") from err
+
+
+def _report(trainer: Trainer, result: dict[str, float]) -> None:
+    if not trainer.world.is_main or not result:
+        return
+    entropy = trainer.train_manifest.stats.get("unigram_entropy")
+    baseline = f" (unigram entropy of the corpus: {entropy:.3f})" if entropy else ""
+    log.info("done: step %d, eval loss %.4f, perplexity %.2f%s; run folder %s",
+             trainer.progress.step, result["eval_loss"], result["eval_ppl"], baseline,
+             trainer.run_dir)
