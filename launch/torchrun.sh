@@ -2,7 +2,7 @@
 # Train with torchrun on one node or many, and exit with the *trainer's* exit code.
 #
 # torchrun reports any failing rank as its own exit code 1, so this script asks the trainer for
-# its real one (MEGATRAIN_EXIT_STATUS, see megatrain/launch/exit_status.py): 0 done, 75 saved
+# its real one (MEGATRAIN_EXIT_STATUS, see megatrain/jobs/exit_status.py): 0 done, 75 saved
 # on a signal (run the same command again to resume), 2 configuration error (don't retry).
 set -euo pipefail
 

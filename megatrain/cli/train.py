@@ -15,9 +15,9 @@ from megatrain.cli.common import report
 from megatrain.config import register_configs
 from megatrain.config.validate import normalize_overrides
 from megatrain.errors import EXIT_OK, ConfigError, MegatrainError
-from megatrain.launch.exit_status import record_exit
-from megatrain.launch.sweep import prepare_sweep_job
-from megatrain.launch.torchrun_job import in_submitit_job, run_sweep_job
+from megatrain.jobs.exit_status import record_exit
+from megatrain.jobs.sweep import prepare_sweep_job
+from megatrain.jobs.torchrun_job import in_submitit_job, run_sweep_job
 from megatrain.training.run import run_training
 
 

@@ -23,12 +23,12 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     """Train with a composed config; returns the final eval metrics."""
     check_ranges(cfg, Config)  # before any process group, model or data exists
     from megatrain.distributed import detect_world, init_distributed
-    from megatrain.logging import setup_console_logging
+    from megatrain.metrics import setup_console_logging
 
     world = detect_world()
     setup_console_logging(world.rank)
     device = init_distributed(world, cfg.trainer.collective_timeout_s)
-    from megatrain.training.faults import StopSignals
+    from megatrain.training.signals import StopSignals
     from megatrain.training.trainer import Trainer  # imports DeepSpeed: after DS_ACCELERATOR
 
     signals = StopSignals()  # before the slow set-up, so an early SIGTERM / SIGUSR1 is kept

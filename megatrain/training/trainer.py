@@ -26,18 +26,19 @@ from megatrain.data.stream.train_stream import build_train_stream, iter_eval_bat
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
-from megatrain.logging import MetricSinks, build_sinks
+from megatrain.metrics import MetricSinks, build_sinks
+from megatrain.metrics.throughput import Throughput, memory_gb
 from megatrain.models.flops import peak_tflops_for
 from megatrain.models.generation import generate
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.training import checkpoint as ckpt
 from megatrain.training.data_setup import resolve_train_data
 from megatrain.training.engine import initialize_engine, resolve_precision
-from megatrain.training.faults import FaultInjection, Preempted, StopSignals
-from megatrain.training.metrics import Throughput, memory_gb
+from megatrain.training.fault_injection import FaultInjection
 from megatrain.training.numerics import StepGuard, Verdict
-from megatrain.training.parallelize import parallelize
 from megatrain.training.pretrained import pretrained_config
+from megatrain.training.signals import Preempted, StopSignals
+from megatrain.training.transforms import apply_transforms
 
 log = logging.getLogger("megatrain")
 
@@ -127,7 +128,7 @@ class Trainer:
         log.info("model: %s %s, %.2fM parameters", cfg.model.family, cfg.model.size or "custom",
                  sum(p.numel() for p in model.parameters()) / 1e6)
         t = cfg.trainer
-        return model_cfg, spec, parallelize(model, t.activation_checkpointing, t.compile)
+        return model_cfg, spec, apply_transforms(model, t.activation_checkpointing, t.compile)
 
     def _build_objective(self) -> Objective:
         data, family = self.cfg.data, self.cfg.model.family

@@ -202,7 +202,7 @@ def run_case(overrides: list[str], world_size: int, device: torch.device) -> dic
 
 def main() -> None:
     from megatrain.distributed import detect_world, init_distributed
-    from megatrain.logging import setup_console_logging
+    from megatrain.metrics import setup_console_logging
 
     cases = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])

@@ -8,7 +8,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from megatrain.distributed import World, detect_world
-from megatrain.launch.torchrun_job import job_overrides
+from megatrain.jobs.torchrun_job import job_overrides
 
 BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
                 "SLURM_LOCALID": "0"}

@@ -27,7 +27,7 @@ from megatrain.models.bert.hf import (
 )
 from megatrain.models.common.layers import Block
 from megatrain.models.registry import load_hf_pretrained
-from megatrain.training.parallelize import parallelize
+from megatrain.training.transforms import apply_transforms
 from tests.unit.checkpoints import write_stage0_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -269,7 +269,7 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     plain = Bert(CONFIG)
     wrapped = Bert(CONFIG)
     wrapped.load_state_dict(plain.state_dict())
-    parallelize(wrapped, activation_checkpointing=True, compile=False)
+    apply_transforms(wrapped, activation_checkpointing=True, compile=False)
     inputs, labels = _mlm_batch()
     for model in (plain, wrapped):
         _mlm_loss(model, inputs, labels).backward()

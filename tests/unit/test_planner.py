@@ -26,7 +26,7 @@ from megatrain.training.memory_plan import (
     stage3_subgroups,
     zero12_partition,
 )
-from megatrain.training.parallelize import parallelize
+from megatrain.training.transforms import apply_transforms
 
 # Counted by hand: tok_emb 16·8 = 128, pos_emb 8·8 = 64; the block's matrices qkv 8·24 = 192,
 # proj 64, fc 8·32 = 256, proj 256 (the tied head is the embedding); its vectors ln_1 8 + 8, qkv
@@ -253,7 +253,7 @@ def test_activations_match_what_autograd_saves(family: str, size: str, precision
     config = resolve_model_config({"family": family, "size": size}, 1000)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
-    model = parallelize(get_model_spec(family).build(config, "cpu", dtype), ckpt, False)
+    model = apply_transforms(get_model_spec(family).build(config, "cpu", dtype), ckpt, False)
     B, T = 2, 128
     got = _saved_bytes(model, torch.randint(0, 1000, (B, T)))
     acts = activation_bytes(config, family, precision=precision, micro_batch_size=B, seq_len=T,

@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from megatrain.logging.sinks import JsonlSink
-from megatrain.logging.wandb_sink import resolve_mode
+from megatrain.metrics.sinks import JsonlSink
+from megatrain.metrics.wandb_sink import resolve_mode
 
 
 def test_jsonl_resume_drops_rows_past_the_checkpoint(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from megatrain.models.t5.hf import (
     t5_config_from_hf,
     t5_config_to_hf,
 )
-from megatrain.training.parallelize import parallelize
+from megatrain.training.transforms import apply_transforms
 from tests.unit.checkpoints import write_stage0_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -373,7 +373,7 @@ def test_blocks_are_a_plain_list_and_checkpointing_keeps_gradients() -> None:
     assert isinstance(model.blocks, list) and len(model.blocks) == 5
     assert len(model.state_dict()) == len(set(model.state_dict()))
     assert not any(k.startswith("blocks.") for k in model.state_dict())
-    wrapped = parallelize(copy.deepcopy(model), activation_checkpointing=True, compile=False)
+    wrapped = apply_transforms(copy.deepcopy(model), activation_checkpointing=True, compile=False)
     batch = _batch()
     for m in (model, wrapped):
         m.train()

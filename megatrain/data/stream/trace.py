@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatrain.logging.sinks import truncate_after
+from megatrain.metrics.sinks import truncate_after
 
 TRACE_DIR = "data_trace"
 

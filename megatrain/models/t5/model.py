@@ -152,7 +152,7 @@ class T5(ModelBase[T5Config]):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        """Encoder then decoder blocks, for ``parallelize`` (a plain list: a second registered
+        """Encoder then decoder blocks, for ``apply_transforms`` (a plain list: a second registered
         ModuleList would put every block in the state dict twice)."""
         return [*self.encoder.blocks, *self.decoder.blocks]
 

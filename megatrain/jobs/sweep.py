@@ -11,7 +11,7 @@ to ``<job dir>/sweep_result.json`` when the job ends — wherever it runs, so al
 job — and, when the multirun ends, ``<sweep dir>/sweep_summary.json``: the final eval loss of every
 job and the best job's overrides, also logged to W&B when it is enabled. After a sweep that
 stopped early (a failed job makes Hydra stop before ``on_multirun_end``), write the summary of
-what finished with ``python -m megatrain.launch.sweep SWEEP_DIR``.
+what finished with ``python -m megatrain.jobs.sweep SWEEP_DIR``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def write_summary(sweep_dir: Path) -> dict[str, Any]:
 
 def log_summary_to_wandb(summary: dict[str, Any], cfg: DictConfig) -> None:
     """One more run in the sweep's W&B group: the table of jobs and the best config."""
-    from megatrain.logging.wandb_sink import resolve_mode
+    from megatrain.metrics.wandb_sink import resolve_mode
 
     mode = resolve_mode(cfg.logger.wandb.mode)
     if mode == "disabled":
@@ -154,10 +154,10 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m megatrain.launch.sweep SWEEP_DIR``: (re)write the summary of a sweep."""
+    """``python -m megatrain.jobs.sweep SWEEP_DIR``: (re)write the summary of a sweep."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not Path(args[0]).is_dir():
-        sys.exit("usage: python -m megatrain.launch.sweep SWEEP_DIR")
+        sys.exit("usage: python -m megatrain.jobs.sweep SWEEP_DIR")
     write_summary(Path(args[0]))
 
 

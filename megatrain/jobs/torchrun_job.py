@@ -9,7 +9,7 @@ function in became a rank, every rank would also be a sweep driver. So under the
 
 on each node of the job (c10d rendezvous on the job's first node; ``--standalone`` on one node),
 waits, and returns the final eval loss that the trainer reports in its exit status
-(``megatrain.launch.exit_status``). Ranks per node: ``$NPROC_PER_NODE``, else
+(``megatrain.jobs.exit_status``). Ranks per node: ``$NPROC_PER_NODE``, else
 ``hydra.launcher.gpus_per_node``, else 1.
 
 Preemption and time limits: submitit asks SLURM for ``--signal=USR2@signal_delay_s`` and requeues
@@ -43,8 +43,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megatrain.errors import EXIT_OK, EXIT_REQUEUE
-from megatrain.launch.exit_status import EXIT_STATUS_ENV, describe, read_exit_status
-from megatrain.launch.sweep import in_multirun, overridden_keys
+from megatrain.jobs.exit_status import EXIT_STATUS_ENV, describe, read_exit_status
+from megatrain.jobs.sweep import in_multirun, overridden_keys
 
 log = logging.getLogger("megatrain")
 JOB_KEYS = ("run.dir", "run.name", "logger.wandb.group")  # what prepare_sweep_job decides

@@ -28,7 +28,7 @@ def checkpoint_activations(block: nn.Module) -> None:
     block.forward = checkpointed_forward
 
 
-def parallelize(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
+def apply_transforms(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
     """Activation checkpointing per block, then ``torch.compile`` per block."""
     for block in model.blocks:
         if activation_checkpointing:
@@ -36,6 +36,6 @@ def parallelize(model: nn.Module, activation_checkpointing: bool, compile: bool)
         if compile:
             block.compile()
     if activation_checkpointing or compile:
-        log.info("parallelize: activation checkpointing=%s, compile=%s over %d blocks",
+        log.info("model transforms: activation checkpointing=%s, compile=%s over %d blocks",
                  activation_checkpointing, compile, len(model.blocks))
     return model

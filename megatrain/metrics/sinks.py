@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from megatrain.logging.wandb_sink import WandbSink
+from megatrain.metrics.wandb_sink import WandbSink
 
 log = logging.getLogger("megatrain")
 
