@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from megatrain.cli.common import run_command
 from megatrain.config.compose import compose_config
+from megatrain.config.schema import Config
 from megatrain.errors import EXIT_OK, ConfigError
 
 
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _notes(cfg: Any) -> list[str]:
+def _notes(cfg: Config) -> list[str]:
     """What the plan assumed that the config left open."""
     vocab = cfg.model.vocab_size
     notes = [f"vocabulary: {vocab or cfg.data.vocab_size} "

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig
 from megatrain.errors import ConfigError
 
 CONFIG_PACKAGE = "megatrain.configs"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Command-line flags that add config folders of the user's: their options are Hydra's to check.
 _USER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
 
@@ -56,6 +57,25 @@ def _checked_choice(arg: str, groups: list[str]) -> str:
     if unknown:
         raise ConfigError(f"{group}={unknown[0]}: no such {group}; valid: {', '.join(options)}")
     return f"{group}={value}"
+
+
+# --- rules across keys ------------------------------------------------------------------------
+
+
+def check_engine_setup(zero_stage: int, offload_optimizer: bool, offload_param: bool,
+                       precision: str) -> None:
+    """Refuse the combinations DeepSpeed cannot run, saying why: the trainer (before building
+    anything) and the memory planner ask the same question."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={zero_stage} is not one of 0, 1, 2, 3")
+    if offload_optimizer and zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO (deepspeed.zero_stage=1, 2 or "
+                          "3): stage 0 keeps no optimizer partitions to offload")
+    if offload_param and zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage=3 (got "
+                          f"{zero_stage}): only stage 3 partitions the parameters")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 # --- numeric ranges --------------------------------------------------------------------------

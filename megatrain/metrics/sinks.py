@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from megatrain.config.schema import Config
 from megatrain.metrics.wandb_sink import WandbSink
 
 log = logging.getLogger("megatrain")
@@ -104,7 +105,7 @@ class MetricSinks:
         return next((s.run_id for s in self.sinks if isinstance(s, WandbSink)), None)
 
 
-def build_sinks(cfg: Any, run_dir: Path, start_step: int, wandb_run_id: str | None,
+def build_sinks(cfg: Config, run_dir: Path, start_step: int, wandb_run_id: str | None,
                 config_dict: dict[str, Any]) -> MetricSinks:
     """The sinks rank 0 writes to; ``wandb_run_id`` continues the run a checkpoint names."""
     sinks: list[Sink] = [

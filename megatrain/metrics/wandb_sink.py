@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatrain.config.schema import WandbConfig
 from megatrain.errors import ConfigError
 
 log = logging.getLogger("megatrain")
@@ -37,7 +38,7 @@ class WandbSink:
         return self.run.id
 
     @classmethod
-    def create(cls, cfg: Any, run_dir: Path, name: str, run_id: str | None,
+    def create(cls, cfg: WandbConfig, run_dir: Path, name: str, run_id: str | None,
                config: dict[str, Any]) -> WandbSink | None:
         mode = resolve_mode(cfg.mode)
         if mode == "disabled":

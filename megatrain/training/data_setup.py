@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
+from megatrain.config.schema import DataConfig
 from megatrain.data.manifest import Manifest
 from megatrain.data.prepare.pipeline import ensure_prepared
 from megatrain.distributed import World
@@ -13,14 +13,14 @@ from megatrain.distributed import World
 EMBEDDED_SOURCES = ("stdlib",)
 
 
-def cache_dir(data_cfg: Any) -> Path:
+def cache_dir(data_cfg: DataConfig) -> Path:
     """Where corpora prepared on first use live: data.cache_dir, $MEGATRAIN_CACHE, ~/.cache."""
     if data_cfg.cache_dir:
         return Path(data_cfg.cache_dir)
     return Path(os.environ.get("MEGATRAIN_CACHE", Path.home() / ".cache" / "megatrain"))
 
 
-def _load(source: str, data_cfg: Any, workers: int) -> Manifest:
+def _load(source: str, data_cfg: DataConfig, workers: int) -> Manifest:
     if source in EMBEDDED_SOURCES:
         folder = ensure_prepared(source, cache_dir(data_cfg), data_cfg.vocab_size, workers=workers)
         return Manifest.load(folder)
@@ -29,7 +29,7 @@ def _load(source: str, data_cfg: Any, workers: int) -> Manifest:
     return manifest
 
 
-def resolve_corpus(data_cfg: Any, world: World) -> tuple[Manifest, Manifest]:
+def resolve_corpus(data_cfg: DataConfig, world: World) -> tuple[Manifest, Manifest]:
     """(train, eval) manifests; eval defaults to the train folder's eval shards.
 
     Every rank calls this: a corpus prepared on first use is guarded by a file lock, so one
@@ -41,10 +41,10 @@ def resolve_corpus(data_cfg: Any, world: World) -> tuple[Manifest, Manifest]:
     return train, evaluation
 
 
-def resolve_train_data(data_cfg: Any, world: World) -> tuple[list | None, Manifest, Manifest]:
+def resolve_train_data(data_cfg: DataConfig, world: World) -> tuple[list | None, Manifest, Manifest]:
     """(mixture sources or None, train manifest, eval manifest). With ``data.mixture`` the first
     source's manifest gives the tokenizer and, unless ``data.eval`` is set, the eval shards."""
-    if not data_cfg.get("mixture"):
+    if not data_cfg.mixture:
         return None, *resolve_corpus(data_cfg, world)
     from megatrain.data.stream.mixture import build_sources, parse_mixture
 

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from megatrain.config.schema import Config, DeepSpeedConfig
+from megatrain.config.validate import PRECISIONS, check_engine_setup
 from megatrain.errors import ConfigError
 from megatrain.training.schedule import lr_multiplier
 
 log = logging.getLogger("megatrain")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -30,22 +31,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def check_engine_config(ds: Any, precision: str) -> None:
-    """Refuse at start the combinations DeepSpeed cannot run, saying why."""
-    stage = ds.zero_stage
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage={stage} is not one of 0, 1, 2, 3")
-    if ds.offload_optimizer and stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer needs ZeRO (deepspeed.zero_stage=1, 2 or "
-                          "3): stage 0 keeps no optimizer partitions to offload")
-    if ds.offload_param and stage != 3:
-        raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage=3 (got {stage}): "
-                          "only stage 3 partitions the parameters")
-    if precision == "fp16" and ds.min_loss_scale <= 0:
-        raise ConfigError(f"deepspeed.min_loss_scale={ds.min_loss_scale} must be positive")
-
-
-def _zero_config(ds: Any) -> dict[str, Any]:
+def _zero_config(ds: DeepSpeedConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage == 0:
         return zero
@@ -62,12 +48,12 @@ def _zero_config(ds: Any) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(cfg: Any, precision: str, world_size: int,
+def deepspeed_config(cfg: Config, precision: str, world_size: int,
                      load_universal: bool = False) -> dict[str, Any]:
-    """Translate the Hydra config into DeepSpeed's JSON config; ``load_universal`` when the run
+    """Translate our config into DeepSpeed's JSON config; ``load_universal`` when the run
     resumes from a universal checkpoint (another world size or ZeRO stage)."""
     t, ds = cfg.trainer, cfg.deepspeed
-    check_engine_config(ds, precision)
+    check_engine_setup(ds.zero_stage, ds.offload_optimizer, ds.offload_param, precision)
     return {
         "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -102,7 +88,7 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> SkippableAdamW:
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> SkippableAdamW:
     """AdamW; weight decay on matrices only (not on biases and norm gains)."""
     o = cfg.optim
     if o.name != "adamw":
@@ -116,14 +102,15 @@ def build_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> Skippab
                           fused=device.type == "cuda")
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(optimizer: torch.optim.Optimizer,
+                   cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     s = cfg.schedule
     total = s.total_steps or cfg.trainer.max_steps
     fn = lr_multiplier(s.decay, s.warmup_steps, total, s.min_lr_ratio, s.wsd_decay_fraction)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def initialize_engine(model: nn.Module, cfg: Any, precision: str, world_size: int,
+def initialize_engine(model: nn.Module, cfg: Config, precision: str, world_size: int,
                       device: torch.device,
                       load_universal: bool = False) -> tuple[Any, SkippableAdamW]:
     """Wrap ``model`` in a DeepSpeed engine with our optimizer and schedule: (engine, optimizer)."""

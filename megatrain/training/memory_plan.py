@@ -42,15 +42,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from megatrain.config.schema import Config, DeepSpeedConfig, ModelConfig
+from megatrain.config.validate import check_engine_setup
 from megatrain.errors import ConfigError
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.models.spec import ActivationShape
 
 GB = 1e9
+_DS = DeepSpeedConfig()  # the schema's defaults, for calls that leave settings out
 # CUDA context, kernel images and cuBLAS/NCCL workspaces: 0.5-1 GB on recent GPUs; an estimate.
 CUDA_CONTEXT_BYTES = 1_000_000_000
 # DeepSpeed defaults that megatrain's engine config leaves alone (deepspeed.runtime.engine and
@@ -408,17 +410,20 @@ def _masks(config: Any, n: int) -> int:
 # --- the plan -------------------------------------------------------------------------------
 
 
-def plan_memory(model_cfg: Any, family: str, *, zero_stage: int, offload_optimizer: bool,
+def plan_memory(model_cfg: ModelConfig | Any, family: str, *, zero_stage: int, offload_optimizer: bool,
                 offload_param: bool, precision: str, micro_batch_size: int, seq_len: int,
                 world_size: int, activation_checkpointing: bool, vocab_size: int,
                 gpu_gb: float | None = None, grad_accum_steps: int = 1,
-                reduce_bucket_size: int = 500_000_000, overlap_comm: bool = True,
-                stage3_prefetch_bucket_size: int = 50_000_000,
+                reduce_bucket_size: int = _DS.reduce_bucket_size,
+                overlap_comm: bool = _DS.overlap_comm,
+                stage3_prefetch_bucket_size: int = _DS.stage3_prefetch_bucket_size,
                 decoder_len: int | None = None) -> MemoryPlan:
     """The memory plan of one training setup. ``model_cfg`` is a ``model`` config (a size and/or
     dims, resolved with ``vocab_size``) or an already resolved family config. ``precision`` auto
     means bf16 (a GPU that has it)."""
-    _check(zero_stage, offload_optimizer, offload_param, precision, world_size)
+    check_engine_setup(zero_stage, offload_optimizer, offload_param, precision)
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be at least 1")
     precision = "bf16" if precision == "auto" else precision
     config = _resolved(model_cfg, family, vocab_size)
     groups = model_param_groups(config, family)
@@ -441,21 +446,7 @@ def plan_memory(model_cfg: Any, family: str, *, zero_stage: int, offload_optimiz
                       micro_batch_size, seq_len, tuple(items), gpu_gb)
 
 
-def _check(zero_stage: int, offload_optimizer: bool, offload_param: bool, precision: str,
-           world_size: int) -> None:
-    if zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage={zero_stage} is not one of 0, 1, 2, 3")
-    if offload_optimizer and zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer needs ZeRO (deepspeed.zero_stage=1-3)")
-    if offload_param and zero_stage != 3:
-        raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
-    if precision not in ("auto", *PRECISION_BYTES):
-        raise ConfigError(f"trainer.precision={precision!r} is not one of auto, bf16, fp16, fp32")
-    if world_size < 1:
-        raise ConfigError(f"world size {world_size} must be at least 1")
-
-
-def plan_from_config(cfg: Mapping[str, Any] | Any, world_size: int,
+def plan_from_config(cfg: Config, world_size: int,
                      gpu_gb: float | None = None) -> MemoryPlan:
     """The plan for a composed megatrain config (what ``megatrain-train`` would run). The
     vocabulary is ``model.vocab_size``, else ``data.vocab_size`` (the tokenizer's is not known

@@ -20,11 +20,11 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatrain.config.schema import TrainerConfig
 from megatrain.errors import ConfigError, MegatrainError
 
 log = logging.getLogger("megatrain")
@@ -48,7 +48,7 @@ class Verdict:
 class StepGuard:
     """Agrees across ranks on each step's loss, and keeps the history spikes are judged on."""
 
-    def __init__(self, trainer_cfg: Any, world_size: int) -> None:
+    def __init__(self, trainer_cfg: TrainerConfig, world_size: int) -> None:
         if trainer_cfg.spike_policy not in SPIKE_POLICIES:
             raise ConfigError(f"trainer.spike_policy={trainer_cfg.spike_policy} is not one of "
                               f"{', '.join(SPIKE_POLICIES)}")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from megatrain.config.schema import ModelConfig
 from megatrain.data.tokenizer import Tokenizer, load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.models.registry import get_model_spec, load_hf_pretrained
@@ -38,7 +39,7 @@ def load_pretrained(source: str, weights: bool = True
     return load_checkpoint_model(source, weights)
 
 
-def pretrained_config(source: str, model_cfg: Any, vocab_size: int,
+def pretrained_config(source: str, model_cfg: ModelConfig, vocab_size: int,
                       weights: bool = True) -> tuple[Any, dict | None]:
     """The starting config and weights for ``model.init_from=source``, checked against the run:
     the same family, a vocabulary that covers the tokenizer's; the run's attn_impl and dropout

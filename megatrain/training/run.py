@@ -22,29 +22,31 @@ log = logging.getLogger("megatrain")
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Train with a composed config; returns the final eval metrics."""
     check_ranges(cfg, Config)  # before any process group, model or data exists
+    config: Config = OmegaConf.to_object(cfg)  # the library takes the typed schema
     from megatrain.distributed import detect_world, init_distributed
     from megatrain.metrics import setup_console_logging
 
     world = detect_world()
     setup_console_logging(world.rank)
-    device = init_distributed(world, cfg.trainer.collective_timeout_s)
+    device = init_distributed(world, config.trainer.collective_timeout_s)
     from megatrain.training.signals import StopSignals
     from megatrain.training.trainer import Trainer  # imports DeepSpeed: after DS_ACCELERATOR
 
     signals = StopSignals()  # before the slow set-up, so an early SIGTERM / SIGUSR1 is kept
 
-    run_dir = Path(cfg.run.dir)
+    run_dir = Path(config.run.dir)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer = Trainer(cfg, world, device, signals)
+    trainer = Trainer(config, world, device, signals)
     try:
         result = _train(trainer)
         _report(trainer, result)
-        if cfg.trainer.sample_prompt:
-            text = trainer.sample(cfg.trainer.sample_prompt, cfg.trainer.sample_tokens)
+        prompt = config.trainer.sample_prompt
+        if prompt:
+            text = trainer.sample(prompt, config.trainer.sample_tokens)
             if world.is_main:
-                print(f"\n----- sample (prompt {cfg.trainer.sample_prompt!r}) -----\n{text}\n"
+                print(f"\n----- sample (prompt {prompt!r}) -----\n{text}\n"
                       "-----", flush=True)
     finally:
         trainer.close()

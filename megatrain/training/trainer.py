@@ -7,6 +7,7 @@ log steps, so a step issues no host–device synchronisation of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
+from megatrain.config.schema import Config
 from megatrain.data.stream.objectives import IGNORE, Objective, build_objective
 from megatrain.data.stream.trace import TraceWriter
 from megatrain.data.stream.train_stream import build_train_stream, iter_eval_batches
@@ -62,7 +63,7 @@ def _total_grad_norm(model: torch.nn.Module) -> torch.Tensor:
 class Trainer:
     """Builds everything from a resolved config, then ``train()`` runs to ``trainer.max_steps``."""
 
-    def __init__(self, cfg: DictConfig, world: World, device: torch.device,
+    def __init__(self, cfg: Config, world: World, device: torch.device,
                  signals: StopSignals | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(cfg.run.dir)
@@ -160,7 +161,7 @@ class Trainer:
         return state.get("wandb_run_id")
 
     def _build_sinks(self, wandb_id: str | None) -> MetricSinks:
-        config = OmegaConf.to_container(self.cfg, resolve=True)
+        config = dataclasses.asdict(self.cfg)
         config["model_resolved"] = vars(self.model_cfg)
         return build_sinks(self.cfg, self.run_dir, self.progress.step, wandb_id, config)
 
