@@ -15,7 +15,6 @@ import yaml
 from megatrain.cli.export import main as export_main
 from megatrain.config.schema import ModelConfig
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
-from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.models import build_model, get_model_spec, resolve_model_config
 from megatrain.models.bert import Bert, BertConfig, PostNormBlock, bert_flops_per_token
@@ -26,7 +25,6 @@ from megatrain.models.bert.hf import (
     state_dict_to_hf,
 )
 from megatrain.models.common.layers import Block
-from megatrain.models.registry import load_hf_pretrained
 from megatrain.training.transforms import apply_transforms
 from tests.unit.checkpoints import write_stage0_checkpoint
 
@@ -338,28 +336,6 @@ def test_hf_bert_for_pretraining_weights_load() -> None:
     assert _max_diff_at_tokens(model(ids, attention_mask=mask), expected, mask) <= 1e-4
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_megatrain_to_hf_logits_match_with_padding(impl: str) -> None:
-    model = Bert(_config(attn_impl=impl)).eval()
-    _randomize(model, seed=2)
-    hf = transformers.BertForMaskedLM._from_config(bert_config_to_hf(CONFIG),
-                                                   attn_implementation="eager").eval()
-    hf.load_state_dict(state_dict_to_hf(model.state_dict()), strict=True)
-    assert hf.cls.predictions.decoder.weight.data_ptr() == \
-        hf.bert.embeddings.word_embeddings.weight.data_ptr()  # still tied
-    ids, mask = _ids(), _padding()
-    expected = model(ids, attention_mask=mask)
-    assert _max_diff_at_tokens(hf(ids, attention_mask=mask).logits, expected, mask) <= 1e-4
-    assert expected.abs().max() > 1.0
-
-
-def test_state_dict_round_trip_is_exact() -> None:
-    sd = Bert(CONFIG).state_dict()
-    back = state_dict_from_hf(state_dict_to_hf(sd))
-    assert back.keys() == sd.keys()
-    assert all(torch.equal(back[k], sd[k]) for k in sd)
-
-
 def test_tensorflow_layernorm_names_are_read() -> None:
     hf_sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
                                                                        "LayerNorm.beta"): v
@@ -377,40 +353,6 @@ VOCAB = 512
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tokenizer([CORPUS], tmp_path_factory.mktemp("tok") / "tokenizer.model", VOCAB)
-
-
-def test_export_loads_in_transformers_with_the_same_logits(tokenizer_path: Path,
-                                                          tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = Bert(BertConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=VOCAB,
-                            max_seq_len=64))
-    _randomize(model, seed=8)
-    write_stage0_checkpoint(tmp_path / "run" / "checkpoints" / "step_3", "bert", model,
-                            tokenizer_path)
-    out = tmp_path / "hf"
-    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
-
-    hf = transformers.AutoModelForMaskedLM.from_pretrained(out, attn_implementation="eager")
-    assert type(hf).__name__ == "BertForMaskedLM"
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
-    tokenizer = load_tokenizer(tokenizer_path)
-    ids = torch.tensor([tokenizer.encode(CORPUS[:400])[:40]] * 3)
-    mask = _padding(3, ids.size(1))
-    ids = ids.masked_fill(~mask.bool(), tokenizer.pad_id)
-    ids[0, 7] = tokenizer.mask_id
-    expected = model.eval()(ids, attention_mask=mask)
-    assert _max_diff_at_tokens(hf.eval()(ids, attention_mask=mask).logits, expected, mask) <= 1e-4
-    assert expected.abs().max() > 1.0
-
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert (hf_tok.mask_token_id, hf_tok.cls_token_id, hf_tok.sep_token_id,
-            hf_tok.pad_token_id) == (tokenizer.mask_id, tokenizer.cls_id, tokenizer.sep_id,
-                                     tokenizer.pad_id)
-
-    family, config, state_dict = load_hf_pretrained(out)
-    assert (family, config) == ("bert", model.config)
-    assert state_dict.keys() == model.state_dict().keys()
-    assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
 
 
 def test_export_of_pre_ln_is_a_one_line_config_error(
