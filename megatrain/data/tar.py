@@ -1,8 +1,9 @@
 """The one tar reader for prepared shards: members straight from the bytes, zero-copy.
 
-The stream (``data.faults``), ``--verify`` and a resumed prepare all read shards through it. It
-walks the headers itself rather than through ``tarfile`` so that a damaged shard yields every
-sample before the damage and says where it stopped, and token arrays are views into the bytes.
+The stream (``data.stream.shard_reader``), ``--verify`` and a resumed prepare all read shards
+through it. It walks the headers itself rather than through ``tarfile`` so that a damaged shard
+yields every sample before the damage and says where it stopped, and token arrays are views
+into the bytes.
 Handles ustar prefixes, GNU long names and pax paths.
 """
 

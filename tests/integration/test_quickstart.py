@@ -34,22 +34,32 @@ def _quickstart(experiment: str, run_dir: Path, cache: Path,
     return result
 
 
-def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path, cache: Path) -> None:
-    """The quickstart as the README runs it, cut to 400 of its 600 steps (the cosine schedule
-    with it) to keep CI short: eval 5.06 here against a bar of 5.21; the full run's 4.95 is in
-    docs/benchmarks.md."""
+# The quickstart cut to 150 of its 600 steps (its cosine schedule with it), as CI runs it, on a
+# 2-core CPU with torch 2.13.0 (2026-12-03): eval loss 5.454 against the corpus' unigram entropy
+# of 6.205. The full run (4.95 after 600 steps) is the README's flow and is measured in
+# docs/benchmarks.md; here a shorter run shows the same property against this stored figure.
+QUICKSTART_STEPS = 150
+QUICKSTART_EVAL = 5.454
+TOLERANCE = 0.1  # thread scheduling changes the last digits; a regression moves it by far more
+
+
+def test_quickstart_learns_well_below_the_unigram_entropy(tmp_path: Path, cache: Path) -> None:
+    """The quickstart as the README runs it, shortened: it prepares the embedded corpus, trains,
+    evaluates to its stored loss and well below the corpus' unigram entropy, saves, logs to W&B
+    offline and prints a sample."""
     run_dir = tmp_path / "quickstart"
-    result = _quickstart("quickstart", run_dir, cache, "trainer.max_steps=400")
+    result = _quickstart("quickstart", run_dir, cache, f"trainer.max_steps={QUICKSTART_STEPS}",
+                         f"trainer.eval_every={QUICKSTART_STEPS}")
     manifest = json.loads(next(cache.glob("stdlib-v4096*/manifest.json")).read_text())
     entropy = manifest["stats"]["unigram_entropy"]
     final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
-    # "Far below": at least one nat, i.e. a perplexity under e^-1 of the unigram model's.
-    assert final_eval < entropy - 1.0, (final_eval, entropy)
+    assert final_eval < entropy - 0.6, (final_eval, entropy)
+    assert abs(final_eval - QUICKSTART_EVAL) < TOLERANCE, final_eval
 
     assert "----- sample" in result.stdout
     sample = result.stdout.split("-----\n", 1)[1]
     assert len(sample.strip()) > 100
-    assert (run_dir / "checkpoints" / "latest").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{QUICKSTART_STEPS}"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
 
@@ -59,11 +69,12 @@ def test_quickstart_learns_far_below_the_unigram_entropy(tmp_path: Path, cache: 
 ])
 def test_bert_and_t5_quickstarts_learn_and_export(tmp_path: Path, cache: Path, experiment: str,
                                                   auto_class: str) -> None:
-    """A shortened run (CI); the full 600 steps are measured in docs/benchmarks.md."""
+    """A shortened run (CI: 100 steps, e.g. BERT 8.11 → 6.32 and T5 36.1 → 8.82 on a 2-core CPU);
+    the full 600 steps are measured in docs/benchmarks.md."""
     transformers = pytest.importorskip("transformers")
     run_dir = tmp_path / "run"
-    _quickstart(experiment, run_dir, cache, "trainer.max_steps=150", "trainer.eval_every=150",
-                "trainer.save_every=150", "trainer.log_every=10", "trainer.sample_tokens=20")
+    _quickstart(experiment, run_dir, cache, "trainer.max_steps=100", "trainer.eval_every=100",
+                "trainer.save_every=100", "trainer.log_every=10", "trainer.sample_tokens=20")
     first = losses(run_dir)[10]
     final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
     assert final_eval < first - 1.5, (first, final_eval)
