@@ -1,7 +1,8 @@
 """Where this process sits in the job: torchrun, SLURM or a single process.
 
 The trainer reads the environment (launch scripts only build commands). Everything here is
-plain data plus two functions: ``detect_world`` and ``init_distributed``.
+plain data plus three functions: ``detect_world``, ``init_distributed`` and
+``shutdown_distributed``.
 """
 
 from __future__ import annotations
@@ -118,3 +119,14 @@ def init_distributed(world: World, collective_timeout_s: float = 600.0) -> torch
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=collective_timeout_s))
     return device
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group while the interpreter is whole: gloo's worker threads, left to
+    the interpreter's teardown, can abort the process (SIGABRT, "terminate called without an
+    active exception") after a run that succeeded. Only after a run that ended normally: a rank
+    whose peers are mid-collective could hang here."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -23,7 +23,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     """Train with a composed config; returns the final eval metrics."""
     check_ranges(cfg, Config)  # before any process group, model or data exists
     config: Config = OmegaConf.to_object(cfg)  # the library takes the typed schema
-    from megatrain.distributed import detect_world, init_distributed
+    from megatrain.distributed import detect_world, init_distributed, shutdown_distributed
     from megatrain.metrics import setup_console_logging
 
     world = detect_world()
@@ -50,6 +50,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                       "-----", flush=True)
     finally:
         trainer.close()
+    shutdown_distributed()
     return result
 
 

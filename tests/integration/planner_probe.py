@@ -201,7 +201,7 @@ def run_case(overrides: list[str], world_size: int, device: torch.device) -> dic
 
 
 def main() -> None:
-    from megatrain.distributed import detect_world, init_distributed
+    from megatrain.distributed import detect_world, init_distributed, shutdown_distributed
     from megatrain.metrics import setup_console_logging
 
     cases = json.loads(Path(sys.argv[1]).read_text())
@@ -213,6 +213,7 @@ def main() -> None:
                for name, overrides in cases.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{world.rank}.json").write_text(json.dumps(results, indent=1))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

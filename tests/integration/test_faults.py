@@ -130,8 +130,9 @@ def test_save_onto_a_full_disk_keeps_latest(tmp_path: Path, prepared_dir: Path) 
 
 
 def test_five_sigterms_requeue_and_end_bit_identical(tmp_path: Path, prepared_dir: Path) -> None:
-    """SIGTERM at 5 random steps: each time the run saves and exits "requeue me" (75); the
-    reruns end with the uninterrupted run's weights and losses."""
+    """SIGTERM at 5 random steps of a one-process run: each time it finishes the step, saves,
+    says why and exits "requeue me" (75); the reruns end with the uninterrupted run's weights and
+    losses. (Two ranks, one of which hears SIGUSR1: tests/integration/test_signals.py.)"""
     args = ("trainer.max_steps=400", "trainer.save_every=1000", "trainer.log_every=1",
             "trainer.eval_every=1000", "schedule.total_steps=400", "run.resume=auto")
     reference, run_dir, rng = tmp_path / "reference", tmp_path / "stopped", random.Random(1)
@@ -148,6 +149,7 @@ def test_five_sigterms_requeue_and_end_bit_identical(tmp_path: Path, prepared_di
         proc.send_signal(signal.SIGTERM)
         stderr = proc.communicate(timeout=120)[1]
         assert proc.returncode == EXIT_REQUEUE, stderr[-3000:]
+        assert "stopped: stopped by SIGTERM" in stderr, stderr[-3000:]
         target = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
         assert seen < target < 400 and max(losses(run_dir)) == target
     train(run_dir, prepared_dir, *args)

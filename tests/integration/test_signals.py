@@ -46,7 +46,8 @@ def _rank_pids(torchrun_pid: int) -> list[int]:
     return sorted(child.pid for child in psutil.Process(torchrun_pid).children())
 
 
-@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
+# One process and SIGTERM: tests/integration/test_faults.py (five of them, bit-identical).
+@pytest.mark.parametrize("nproc, sig", [(2, signal.SIGUSR1)])
 def test_signal_saves_stops_and_resumes_exactly(tmp_path: Path, prepared_dir: Path, nproc: int,
                                                 sig: signal.Signals) -> None:
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
