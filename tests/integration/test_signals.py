@@ -23,8 +23,8 @@ from tests.integration.helpers import (
 )
 
 pytestmark = pytest.mark.integration
-STEPS = ("trainer.max_steps=150", "trainer.log_every=1", "trainer.save_every=1000",
-         "trainer.eval_every=1000", "schedule.total_steps=150")
+STEPS = ("trainer.max_steps=60", "trainer.log_every=1", "trainer.save_every=1000",
+         "trainer.eval_every=1000", "schedule.total_steps=60")
 
 
 def _start(run_dir: Path, data_dir: Path, nproc: int) -> subprocess.Popen[str]:
@@ -65,7 +65,7 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path: Path, prepared_dir: Pa
     assert f"stopped: stopped by {sig.name}" in stderr, stderr[-3000:]
 
     step = int((stopped / "checkpoints" / "latest").read_text().removeprefix("step_"))
-    assert 10 <= step < 150
+    assert 10 <= step < 60
     assert max(losses(stopped)) == step  # the signal's step was finished, logged and saved
     train(stopped, prepared_dir, *STEPS, nproc=nproc)
     expected, got = losses(reference), losses(stopped)
