@@ -15,7 +15,7 @@ from torch import nn
 from megatrain.config.schema import Config, DeepSpeedConfig
 from megatrain.config.validate import PRECISIONS, check_engine_setup
 from megatrain.errors import ConfigError
-from megatrain.training.schedule import lr_multiplier
+from megatrain.training.schedule import lr_multiplier_of
 
 log = logging.getLogger("megatrain")
 
@@ -104,10 +104,7 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> Skip
 
 def build_schedule(optimizer: torch.optim.Optimizer,
                    cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    s = cfg.schedule
-    total = s.total_steps or cfg.trainer.max_steps
-    fn = lr_multiplier(s.decay, s.warmup_steps, total, s.min_lr_ratio, s.wsd_decay_fraction)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier_of(cfg))
 
 
 def initialize_engine(model: nn.Module, cfg: Config, precision: str, world_size: int,

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from megatrain.config.schema import Config
-from megatrain.config.validate import check_ranges
+from megatrain.config.validate import check_engine_setup, check_ranges
 from megatrain.errors import MegatrainError
+from megatrain.training.schedule import lr_multiplier_of
 
 if TYPE_CHECKING:
     from megatrain.training.trainer import Trainer
@@ -21,8 +22,7 @@ log = logging.getLogger("megatrain")
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Train with a composed config; returns the final eval metrics."""
-    check_ranges(cfg, Config)  # before any process group, model or data exists
-    config: Config = OmegaConf.to_object(cfg)  # the library takes the typed schema
+    config = checked_config(cfg)
     from megatrain.distributed import detect_world, init_distributed, shutdown_distributed
     from megatrain.metrics import setup_console_logging
 
@@ -52,6 +52,18 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         trainer.close()
     shutdown_distributed()
     return result
+
+
+def checked_config(cfg: DictConfig) -> Config:
+    """The typed config, once every range and every rule across keys holds: a bad value fails
+    here, before any process group, model or data exists."""
+    check_ranges(cfg, Config)
+    config: Config = OmegaConf.to_object(cfg)
+    ds = config.deepspeed
+    check_engine_setup(ds.zero_stage, ds.offload_optimizer, ds.offload_param,
+                       config.trainer.precision)
+    lr_multiplier_of(config)  # refuses a schedule that cannot run
+    return config
 
 
 class PeerFailure(MegatrainError):

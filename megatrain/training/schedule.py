@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from megatrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megatrain.config.schema import Config
 
 DECAYS = ("cosine", "linear", "wsd", "constant")
 
@@ -39,3 +43,11 @@ def lr_multiplier(
         return min_lr_ratio + (1 - min_lr_ratio) * shape
 
     return multiplier
+
+
+def lr_multiplier_of(cfg: Config) -> Callable[[int], float]:
+    """``lr_multiplier`` of a run's config (``schedule.total_steps`` defaults to the run's
+    ``trainer.max_steps``)."""
+    s = cfg.schedule
+    return lr_multiplier(s.decay, s.warmup_steps, s.total_steps or cfg.trainer.max_steps,
+                         s.min_lr_ratio, s.wsd_decay_fraction)

@@ -82,6 +82,12 @@ VALID_EXPERIMENTS = "valid: bert_quickstart, quickstart, t5_quickstart"
      "error: experiment=bert_quickstat: no such experiment; " + VALID_EXPERIMENTS),
     ("trainer.micro_batch_size=-1", "error: trainer.micro_batch_size=-1: must be >= 1"),
     ("data.mask_prob=1.5", "error: data.mask_prob=1.5: must be in (0, 1]"),
+    ("deepspeed.offload_optimizer=true", ("error: deepspeed.offload_optimizer needs ZeRO "
+     "(deepspeed.zero_stage=1, 2 or 3): stage 0 keeps no optimizer partitions to offload")),
+    ("deepspeed.offload_param=true", ("error: deepspeed.offload_param needs "
+     "deepspeed.zero_stage=3 (got 0): only stage 3 partitions the parameters")),
+    ("trainer.max_steps=50", ("error: schedule: total steps (50, trainer.max_steps unless "
+     "schedule.total_steps is set) must exceed schedule.warmup_steps (100): lower the warmup")),
 ])
 def test_a_bad_choice_or_value_exits_2_with_one_line_before_anything_is_built(
         tmp_path: Path, prepared_dir: Path, override: str, message: str) -> None:
