@@ -14,24 +14,17 @@ pytestmark = pytest.mark.integration
 STEPS = ("trainer.log_every=1", "trainer.eval_every=1000", "trainer.save_every=1000")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
-    """A GPT trained for 60 steps, the starting point of the runs below."""
-    run = tmp_path_factory.mktemp("base") / "run"
-    train(run, prepared_dir, "trainer.max_steps=60", "optim.lr=3e-3", *STEPS)
-    return run
-
-
 def test_init_from_checkpoint_and_hf_start_where_the_model_stood(
-        tmp_path: Path, prepared_dir: Path, base: Path) -> None:
-    trained_eval = [r["eval_loss"] for r in metrics(base) if "eval_loss" in r][-1]
-    export = run_module("export", ["--checkpoint", str(base), "--out", str(tmp_path / "hf")])
+        tmp_path: Path, prepared_dir: Path, trained_gpt: Path) -> None:
+    trained_eval = [r["eval_loss"] for r in metrics(trained_gpt) if "eval_loss" in r][-1]
+    export = run_module("export", ["--checkpoint", str(trained_gpt),
+                                   "--out", str(tmp_path / "hf")])
     assert export.returncode == 0, export.stderr[-3000:]
 
-    random_start = losses(base)[1]
+    random_start = losses(trained_gpt)[1]
     gain = random_start - trained_eval
     assert gain > 0.3
-    for name, source in (("ckpt", str(base)), ("hf", f"hf:{tmp_path / 'hf'}")):
+    for name, source in (("ckpt", str(trained_gpt)), ("hf", f"hf:{tmp_path / 'hf'}")):
         run = tmp_path / name
         # A different seed: any head start must come from the loaded weights.
         train(run, prepared_dir, "trainer.max_steps=3", "schedule.warmup_steps=1",
@@ -42,8 +35,9 @@ def test_init_from_checkpoint_and_hf_start_where_the_model_stood(
 
 
 def test_init_from_another_family_is_refused(tmp_path: Path, prepared_dir: Path,
-                                             base: Path) -> None:
+                                             trained_gpt: Path) -> None:
     result = train(tmp_path / "llama", prepared_dir, "model=llama-tiny",
-                   f"model.init_from={base}", "trainer.max_steps=1", check=False)
+                   f"model.init_from={trained_gpt}", "trainer.max_steps=1",
+                   "schedule.warmup_steps=0", check=False)
     assert result.returncode == 2
     assert "is a gpt model, but model.family=llama" in result.stderr

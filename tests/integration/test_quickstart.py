@@ -70,12 +70,12 @@ def test_quickstart_learns_well_below_the_unigram_entropy(tmp_path: Path, cache:
 ])
 def test_bert_and_t5_quickstarts_learn_and_export(tmp_path: Path, cache: Path, experiment: str,
                                                   auto_class: str) -> None:
-    """A shortened run (CI: 60 steps, e.g. BERT 8.11 → 6.38 and T5 36.1 → 10.9 on a 2-core CPU);
+    """A shortened run (CI: 40 steps, e.g. BERT 8.11 → 6.48 and T5 36.1 → 12.4 on a 2-core CPU);
     the full 600 steps are measured in docs/benchmarks.md."""
     transformers = pytest.importorskip("transformers")
     run_dir = tmp_path / "run"
-    _quickstart(experiment, run_dir, cache, "trainer.max_steps=60", "trainer.eval_every=60",
-                "trainer.save_every=60", "trainer.log_every=10", "trainer.sample_tokens=20")
+    _quickstart(experiment, run_dir, cache, "trainer.max_steps=40", "trainer.eval_every=40",
+                "trainer.save_every=40", "trainer.log_every=10", "trainer.sample_tokens=20")
     first = losses(run_dir)[10]
     final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
     assert final_eval < first - 1.5, (first, final_eval)

@@ -45,10 +45,8 @@ def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path: Path, prepared_d
     assert (run_dir / "config.yaml").exists()
 
 
-def test_generate_prints_text_from_a_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
-    run_dir = tmp_path / "run"
-    train(run_dir, prepared_dir, "trainer.max_steps=10", "trainer.save_every=10")
-    out = run_module("generate", ["--checkpoint", str(run_dir), "--prompt", "KING",
+def test_generate_prints_text_from_a_checkpoint(trained_gpt: Path) -> None:
+    out = run_module("generate", ["--checkpoint", str(trained_gpt), "--prompt", "KING",
                                   "--max-new-tokens", "20", "--seed", "1"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("KING") and len(out.stdout.strip()) > len("KING")
