@@ -28,7 +28,7 @@ quickstart: setup
 	$(VENV)/bin/megatrain-train experiment=quickstart
 
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	tools/test_suite.sh $(PY) $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -41,7 +41,7 @@ test-latest:
 		-e ".[dev]"
 	$(LATEST_PY) -m pip list 2>/dev/null | grep -iE \
 		'^(deepspeed|transformers|tokenizers|hydra-core|webdataset|sentencepiece|wandb) '
-	$(LATEST_PY) -m pytest tests $(PYTEST_ARGS)
+	tools/test_suite.sh $(LATEST_PY) $(PYTEST_ARGS)
 
 lock:
 	test -x $(LATEST_PY) || { echo "run make test-latest first" >&2; exit 2; }

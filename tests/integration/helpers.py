@@ -94,20 +94,22 @@ def _read_all(files: Iterable[IO[str]]) -> str:
 
 def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 600,
                env: dict[str, str] | None = None,
-               preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m megatrain.<module> args`` to completion, on ``nproc`` ranks;
-    ``preexec_fn`` runs in the child first (e.g. to set resource limits)."""
-    if nproc > 1:
+               preexec_fn: Callable[[], None] | None = None,
+               torchrun: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m megatrain.<module> args`` to completion, on ``nproc`` ranks (``run_ranks``,
+    or torchrun with ``torchrun``); ``preexec_fn`` runs in the child first (e.g. to set resource
+    limits)."""
+    if nproc > 1 and not torchrun:
         return run_ranks(module, args, nproc, timeout, env or env_for_tests())
-    return subprocess.run(module_command(module, args), cwd=REPO, env=env or env_for_tests(),
-                          capture_output=True, text=True, timeout=timeout, check=False,
-                          preexec_fn=preexec_fn)
+    return subprocess.run(module_command(module, args, nproc), cwd=REPO,
+                          env=env or env_for_tests(), capture_output=True, text=True,
+                          timeout=timeout, check=False, preexec_fn=preexec_fn)
 
 
-def train(run_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1,
-          check: bool = True) -> subprocess.CompletedProcess[str]:
+def train(run_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
+          torchrun: bool = False) -> subprocess.CompletedProcess[str]:
     result = run_module("train", [*TINY, f"data.train={data_dir}", f"run.dir={run_dir}",
-                                  *overrides], nproc=nproc)
+                                  *overrides], nproc=nproc, torchrun=torchrun)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")

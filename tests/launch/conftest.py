@@ -29,5 +29,5 @@ def slurm_cluster() -> None:
 def reference_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
     """Plain torchrun, 2 processes, never interrupted: what every launch path must reproduce."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(run_dir, prepared_dir, *RUN, nproc=2)
+    train(run_dir, prepared_dir, *RUN, nproc=2, torchrun=True)
     return run_dir
