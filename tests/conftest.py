@@ -65,3 +65,27 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, tokeniz
         workers=2,
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def http_corpus(prepared):
+    """The prepared corpus served by a local HTTP server (range requests): (server, its URL)."""
+    from tests.servers import http_server
+
+    server = http_server(Path(prepared.root).parent).start()
+    yield server, f"http://127.0.0.1:{server.port}/{Path(prepared.root).name}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_corpus(prepared):
+    """The prepared corpus in a bucket of a local S3 server (moto): (server, its s3:// URL).
+    This process's environment points at the server while the session lasts."""
+    from tests.servers import s3_environment, s3_server, upload_folder
+
+    server = s3_server().start()
+    url = "s3://corpora/small"
+    with s3_environment(server.port):
+        upload_folder(Path(prepared.root), url)
+        yield server, url
+    server.stop()

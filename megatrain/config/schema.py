@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A folder written by megatrain-prepare, or "stdlib": the embedded default corpus, prepared
+    # A folder written by megatrain-prepare — a path or a URL (s3://, gs://, http(s)://; credentials
+    # from the store's standard environment) — or "stdlib": the embedded default corpus, prepared
     # on first use into cache_dir.
     train: str = "stdlib"
     eval: Optional[str] = None  # None: the eval shards of the train folder
@@ -61,6 +62,8 @@ class DataConfig:
     pack_whole_docs: bool = False  # never split a document that fits in a row: pad instead
     max_skip_fraction: float = ranged(0.01, ge=0, le=1)  # unreadable samples a rank may skip per epoch (share)
     trace: bool = False  # <run.dir>/data_trace/rank<R>.jsonl: the document keys of each step
+    retries: int = ranged(5, ge=0)  # a URL read that fails is retried this often (after 1, 2, 4 … s)
+    shard_cache_gb: float = ranged(0.0, ge=0)  # keep shards read from URLs in <cache_dir>/shards (LRU, this many GB); 0: off
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from megatrain.data import storage
 from megatrain.errors import ConfigError
 
 CONFIG_PACKAGE = "megatrain.configs"
@@ -151,3 +152,23 @@ def _nested_schema(field: dataclasses.Field) -> type | None:
         return None
     made = factory()
     return type(made) if dataclasses.is_dataclass(made) else None
+
+
+def corpus_locations(data_cfg: Any) -> dict[str, str]:
+    """Every corpus location the config names, by key (``data.mixture[1].path`` …)."""
+    found = {"data.train": data_cfg.train}
+    if data_cfg.eval:
+        found["data.eval"] = data_cfg.eval
+    for i, item in enumerate(data_cfg.mixture or []):
+        if isinstance(item, dict) and (item.get("path") or item.get("name")):
+            found[f"data.mixture[{i}].path"] = str(item.get("path") or item.get("name"))
+    return found
+
+
+def check_locations(data_cfg: Any) -> None:
+    """ConfigError for a URL that carries credentials (before config.yaml is written)."""
+    for key, location in corpus_locations(data_cfg).items():
+        try:
+            storage.check_no_credentials(location, key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -1,4 +1,5 @@
-"""From ``data.train`` / ``data.eval`` to prepared corpora (manifests), preparing on first use."""
+"""From ``data.train`` / ``data.eval`` (paths or URLs) to prepared corpora (manifests),
+preparing on first use, and how their shards are fetched."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from megatrain.config.schema import DataConfig
 from megatrain.data.manifest import Manifest
 from megatrain.data.prepare.pipeline import ensure_prepared
+from megatrain.data.stream.shard_reader import ShardIO
 from megatrain.distributed import World
 
 EMBEDDED_SOURCES = ("stdlib",)
@@ -20,11 +22,19 @@ def cache_dir(data_cfg: DataConfig) -> Path:
     return Path(os.environ.get("MEGATRAIN_CACHE", Path.home() / ".cache" / "megatrain"))
 
 
+def shard_io(data_cfg: DataConfig) -> ShardIO:
+    """How this run fetches shards at URLs: ``data.retries``, ``data.shard_cache_gb``."""
+    return ShardIO(retries=data_cfg.retries, cache_dir=str(cache_dir(data_cfg) / "shards"),
+                   cache_bytes=int(data_cfg.shard_cache_gb * 1e9))
+
+
 def _load(source: str, data_cfg: DataConfig, workers: int) -> Manifest:
     if source in EMBEDDED_SOURCES:
         folder = ensure_prepared(source, cache_dir(data_cfg), data_cfg.vocab_size, workers=workers)
         return Manifest.load(folder)
     manifest = Manifest.load(source)
+    if manifest.is_remote:
+        manifest.fetch_tokenizer(cache_dir(data_cfg))
     manifest.check_files()
     return manifest
 

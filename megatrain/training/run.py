@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from megatrain.config.schema import Config
-from megatrain.config.validate import check_engine_setup, check_ranges
+from megatrain.config.validate import check_engine_setup, check_locations, check_ranges
 from megatrain.errors import MegatrainError
 from megatrain.training.schedule import lr_multiplier_of
 
@@ -63,6 +63,7 @@ def checked_config(cfg: DictConfig) -> Config:
     check_engine_setup(ds.zero_stage, ds.offload_optimizer, ds.offload_param,
                        config.trainer.precision)
     lr_multiplier_of(config)  # refuses a schedule that cannot run
+    check_locations(config.data)
     return config
 
 

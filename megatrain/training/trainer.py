@@ -33,7 +33,7 @@ from megatrain.models.flops import peak_tflops_for
 from megatrain.models.generation import generate
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.training import checkpoint as ckpt
-from megatrain.training.data_setup import resolve_train_data
+from megatrain.training.data_setup import resolve_train_data, shard_io
 from megatrain.training.engine import initialize_engine, resolve_precision
 from megatrain.training.fault_injection import FaultInjection
 from megatrain.training.numerics import StepGuard, Verdict
@@ -90,7 +90,7 @@ class Trainer:
             rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
             shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda", objective=self.objective,
             sources=self.sources, pack_whole_docs=cfg.data.pack_whole_docs,
-            max_skip_fraction=cfg.data.max_skip_fraction)
+            max_skip_fraction=cfg.data.max_skip_fraction, io=shard_io(cfg.data))
         self.progress = Progress()
         self.signals = signals or StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
@@ -309,7 +309,7 @@ class Trainer:
                 self.eval_manifest, seq_len=self.cfg.data.seq_len,
                 micro_batch_size=self.cfg.trainer.micro_batch_size, rank=self.world.rank,
                 world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps,
-                objective=self.objective):
+                objective=self.objective, io=self.stream.config.io):
             tokens = int((batch["labels"] != IGNORE).sum())  # on the host; rows may be fewer
             totals[0] += self._loss(batch) * tokens
             totals[1] += tokens

@@ -46,7 +46,7 @@ def small_sources(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: st
 
 def _keys(manifest: Manifest, name: str) -> set[str]:
     return {f"{name}/{key}" for s in manifest.shards("train")
-            for key in read_shard(str(s.path), s.samples).keys}
+            for key in read_shard(s).keys}
 
 
 def _mixture(sources: tuple[Manifest, Manifest]) -> str:
@@ -96,7 +96,7 @@ def _corrupt_copy(source: Path, out: Path) -> dict[str, int]:
     data[at : at + 6] = b"garbag"
     shards[1].path.write_bytes(bytes(data))
     shards[2].path.write_bytes(b"")
-    return {s.name: read_shard(str(s.path), s.samples).bad for s in shards[:3]}
+    return {s.name: read_shard(s).bad for s in shards[:3]}
 
 
 def test_corrupt_shards_are_skipped_and_counted_or_stop_the_run(

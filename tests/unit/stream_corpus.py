@@ -47,7 +47,7 @@ def make_corpus(root: Path, lengths: Sequence[int], *, shards: int = 4, prefix: 
     for s, part in enumerate(np.array_split(np.arange(len(lengths)), shards)):
         path = root / f"train-{s:06d}.tar"
         write_tar(path, [(f"{prefix}-{k}", npy(doc_tokens(k, lengths[k], base))) for k in part])
-        infos.append(ShardInfo(path.name, path, len(part), int(sum(lengths[k] for k in part)),
+        infos.append(ShardInfo(path.name, str(path), len(part), int(sum(lengths[k] for k in part)),
                                sha256_file(path), path.stat().st_size))
     manifest = Manifest(root, "synthetic", 0, {"file": "tokenizer.model", "sha256": "fake",
                                               "vocab_size": vocab, "eos_id": EOS, "pad_id": PAD},

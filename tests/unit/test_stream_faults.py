@@ -3,6 +3,7 @@ the shards named, remote shards are retried, a missing shard is named at start."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections import Counter
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from megatrain.data.manifest import Manifest
-from megatrain.data.stream.shard_reader import fetch, parse_shard, read_shard
+from megatrain.data import storage
+from megatrain.data.stream.shard_reader import ShardIO, parse_shard, read_shard
 from megatrain.data.stream.train_stream import build_train_stream
 from megatrain.errors import DataError
 from tests.unit.stream_corpus import all_keys, doc_tokens, make_corpus, npy, write_tar
@@ -30,7 +32,7 @@ def corrupt(manifest: Manifest) -> dict[str, int]:
     data[at : at + 6] = b"garbag"
     shards[1].path.write_bytes(bytes(data))
     shards[2].path.write_bytes(b"")
-    lost = {s.name: read_shard(str(s.path), s.samples).bad for s in shards[:3]}
+    lost = {s.name: read_shard(s).bad for s in shards[:3]}
     assert lost[shards[1].name] == 1 and lost[shards[2].name] == 10 and lost[shards[0].name] > 1
     return lost
 
@@ -98,17 +100,21 @@ def _flaky_pipe(tmp_path: Path, target: Path, failures: int) -> str:
 
 def test_remote_shards_are_retried_with_backoff(tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "c", LENGTHS, shards=1)
-    path = corpus.shards("train")[0].path
+    shard = corpus.shards("train")[0]
     waits: list[float] = []
-    url = _flaky_pipe(tmp_path, path, failures=2)
-    assert fetch(url, retries=3, backoff_s=0.5, sleep=waits.append) == path.read_bytes()
+    url = _flaky_pipe(tmp_path, shard.path, failures=2)
+    got = storage.with_retries(url, lambda: storage.read_bytes(url, limit=1 << 20, retries=0),
+                               retries=3, backoff_s=0.5, sleep=waits.append)
+    assert got == shard.path.read_bytes()
     assert waits == [0.5, 1.0]
     os.remove(tmp_path / "count")
     with pytest.raises(OSError, match="failed after 2 attempts"):
-        fetch(_flaky_pipe(tmp_path, path, failures=5), retries=1, backoff_s=0.0)
+        storage.read_bytes(_flaky_pipe(tmp_path, shard.path, failures=5), limit=1 << 20,
+                           retries=1, backoff_s=0.0)
     os.remove(tmp_path / "count")
-    read = read_shard(_flaky_pipe(tmp_path, path, failures=9), 10, retries=0)
-    assert read.bad == 10 and "failed after 1 attempts" in read.errors[0]
+    flaky = dataclasses.replace(shard, url=_flaky_pipe(tmp_path, shard.path, failures=9))
+    read = read_shard(flaky, ShardIO(retries=0))
+    assert read.bad == shard.samples and "failed after 1 attempts" in read.errors[0]
 
 
 def test_a_missing_shard_is_named_at_start(tmp_path: Path) -> None:

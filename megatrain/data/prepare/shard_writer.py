@@ -145,7 +145,7 @@ class ShardWriter:
     def _close_shard(self) -> None:
         sha, size = self._tar.close()
         path = self._tar.path
-        info = ShardInfo(path.name, path, self._samples, self._tokens, sha, size)
+        info = ShardInfo(path.name, str(path), self._samples, self._tokens, sha, size)
         self.shards.append(info)
         self.on_done(self.split, info, self._inputs)
         self._tar = None

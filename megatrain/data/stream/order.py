@@ -26,7 +26,7 @@ import numpy as np
 
 from megatrain.data.stream.elastic import share
 from megatrain.data.stream.mixture import Source, choose
-from megatrain.data.stream.shard_reader import ShardRead, read_shard
+from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO, ShardRead, read_shard
 
 Position = tuple[list, int, int, int]
 """(todo, item, g, next): a source cursor's queue, the piece and index it is at, next epoch."""
@@ -85,8 +85,10 @@ class SourceCursor:
     (recorded in ``skips``)."""
 
     def __init__(self, source: Source, index: int, *, seed: int, shuffle: bool, reader: int,
-                 num_readers: int, state: dict[str, Any], skips: list[SkipEvent]) -> None:
+                 num_readers: int, state: dict[str, Any], skips: list[SkipEvent],
+                 io: ShardIO) -> None:
         self.source, self.index, self.seed, self.shuffle = source, index, seed, shuffle
+        self.io = io
         self.reader, self.num_readers, self.skips = reader, num_readers, skips
         self.counts = [s.samples for s in source.shards]
         self.total = sum(self.counts)
@@ -134,7 +136,7 @@ class SourceCursor:
         shard, sample = order.locate(g)
         if self._shard is None or self._shard[0] != shard:
             info = self.source.shards[shard]
-            self._shard = shard, read_shard(str(info.path), info.samples)
+            self._shard = shard, read_shard(info, self.io)
         read = self._shard[1]
         tokens = read.tokens[sample]
         if tokens is None:
@@ -153,11 +155,12 @@ class DocProducer:
     (and a token offset into it) back into a reader state."""
 
     def __init__(self, sources: Sequence[Source], state: dict[str, Any], *, seed: int,
-                 shuffle: bool, reader: int, num_readers: int) -> None:
+                 shuffle: bool, reader: int, num_readers: int, io: ShardIO = DEFAULT_IO) -> None:
         self.skips: list[SkipEvent] = []
         self.cursors = [
             SourceCursor(src, i, seed=seed, shuffle=shuffle, reader=reader,
-                         num_readers=num_readers, state=state["sources"][i], skips=self.skips)
+                         num_readers=num_readers, state=state["sources"][i], skips=self.skips,
+                         io=io)
             for i, src in enumerate(sources)
         ]
         self.weights = [s.weight for s in sources]

@@ -1,28 +1,34 @@
-"""Reading one shard with per-sample fault isolation, and retrying remote shards.
+"""Reading one shard with per-sample fault isolation, from local disk, a URL or a cache.
 
 A shard is read whole into memory (a few MB) and walked header by header, so one bad part
 costs only what it spoils: a corrupt member skips its sample, a truncated tar skips the samples
 after the cut, an empty or unreadable file skips the shard. Token arrays are zero-copy views into
-the shard's bytes. Remote shards (``http(s)://``, ``pipe:``) are fetched through webdataset's
-``gopen`` and retried with exponential backoff; a local file is not retried (a missing local
-shard is reported at start by ``Manifest.check_files``).
+the shard's bytes. A shard at a URL is fetched through ``megatrain.data.storage`` (bounded by
+its size in the manifest, retried with backoff), checked against the manifest's sha256 and,
+with ``data.shard_cache_gb``, kept in a local cache (:class:`ShardCache`) for the next epoch or
+a restarted job. A missing local shard is reported at start by ``Manifest.check_files``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from megatrain.data import storage
+from megatrain.data.manifest import ShardInfo
 from megatrain.data.tar import npy_tokens, tar_samples
 
 log = logging.getLogger("megatrain")
 
-REMOTE_PREFIXES = ("http://", "https://", "pipe:")
+MAX_SHARD_BYTES = 8 << 30
+"""The most a shard whose size the manifest doesn't record may hold (older manifests)."""
+STALE_TMP_S = 3600
 
 
 @dataclass
@@ -38,32 +44,101 @@ class ShardRead:
         return sum(t is None for t in self.tokens)
 
 
-def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_PREFIXES)
+class ShardCache:
+    """Shards fetched from a URL, kept on local disk under their sha256, at most ``max_bytes``
+    in all, evicting the least recently used. A file appears under its name only once it is
+    whole (written aside, then renamed), and is checked against its sha256 when read, so neither
+    a half-written nor a damaged file is ever used. Ranks and loader workers may share one."""
 
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root, self.max_bytes = Path(root), max_bytes
 
-def fetch(url: str, *, retries: int = 3, backoff_s: float = 1.0,
-          sleep: Callable[[float], None] = time.sleep) -> bytes:
-    """The bytes of a shard; remote ones retried ``retries`` times, waiting backoff·2^k between."""
-    if not is_remote(url):
-        return Path(url).read_bytes()
-    from webdataset.gopen import gopen
+    def _file(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.tar"
 
-    for attempt in range(retries + 1):
+    def get(self, sha256: str) -> bytes | None:
+        path = self._file(sha256)
         try:
-            stream = gopen(url, "rb")
+            data = path.read_bytes()
+            os.utime(path)  # most recently used
+        except OSError:  # absent, or evicted by another process meanwhile
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, sha256: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{sha256}.{os.getpid()}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self._file(sha256))
+        except OSError as exc:  # a full cache disk costs speed, never the run
+            tmp.unlink(missing_ok=True)
+            log.warning("shard cache %s: %s; not caching", self.root, exc)
+            return
+        self._evict()
+
+    def _evict(self) -> None:
+        entries = []
+        for path in self.root.iterdir():
             try:
-                data = stream.read()
-            finally:
-                stream.close()  # a pipe's non-zero exit status raises here
+                stat = path.stat()
+            except OSError:
+                continue
+            if path.suffix == ".tmp" and time.time() - stat.st_mtime > STALE_TMP_S:
+                path.unlink(missing_ok=True)  # left by a process that died mid-write
+            elif path.suffix == ".tar":
+                entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+@dataclass(frozen=True)
+class ShardIO:
+    """How shards at URLs are fetched: retries with backoff, and the optional local cache."""
+
+    retries: int = storage.DEFAULT_RETRIES
+    backoff_s: float = storage.DEFAULT_BACKOFF_S
+    cache_dir: str | None = None
+    cache_bytes: int = 0
+
+    def cache(self) -> ShardCache | None:
+        if not self.cache_dir or self.cache_bytes <= 0:
+            return None
+        return ShardCache(Path(self.cache_dir), self.cache_bytes)
+
+    def fetch(self, shard: ShardInfo) -> bytes:
+        """The shard's bytes; StorageError (naming its URL) once retries are spent. A remote
+        shard that does not match the manifest's sha256 is fetched again (a cut transfer); the
+        second copy is used as it is and its faults isolated sample by sample."""
+        limit = shard.nbytes if shard.nbytes is not None else MAX_SHARD_BYTES
+        if not storage.is_url(shard.url):
+            return storage.read_bytes(shard.url, limit=limit)
+        cache = self.cache()
+        data = cache.get(shard.sha256) if cache else None
+        if data is not None:
             return data
-        except Exception as exc:  # any transport failure is retried the same way
-            if attempt == retries:
-                raise OSError(f"{url}: failed after {retries + 1} attempts ({exc})") from exc
-            wait = backoff_s * 2**attempt
-            log.warning("shard %s: %s; retrying in %.1fs", url, exc, wait)
-            sleep(wait)
-    raise AssertionError("unreachable")
+        for attempt in range(2):
+            data = storage.read_bytes(shard.url, limit=limit, retries=self.retries,
+                                      backoff_s=self.backoff_s)
+            if hashlib.sha256(data).hexdigest() == shard.sha256:
+                if cache:
+                    cache.put(shard.sha256, data)
+                return data
+            log.warning("data: %s does not match the sha256 in its manifest%s",
+                        storage.redact(shard.url), "; fetching it again" if attempt == 0 else "")
+        return data
+
+
+DEFAULT_IO = ShardIO()
 
 
 def parse_shard(data: bytes, expected: int, name: str) -> ShardRead:
@@ -91,15 +166,16 @@ def _sample_tokens(parts: dict[str, memoryview], where: str, errors: list[str]) 
         return None
 
 
-def read_shard(url: str, expected: int, *, retries: int = 3, backoff_s: float = 1.0) -> ShardRead:
-    """A shard's samples with faults isolated; a shard that cannot be fetched at all has every
-    sample None."""
-    name = url.rsplit("/", 1)[-1]
+def read_shard(shard: ShardInfo, io: ShardIO = DEFAULT_IO) -> ShardRead:
+    """A shard's samples with faults isolated; a shard that cannot be fetched at all (after the
+    retries) has every sample None, and the reason names its URL."""
+    name, expected = shard.name, shard.samples
     try:
-        data = fetch(url, retries=retries, backoff_s=backoff_s)
+        data = io.fetch(shard)
     except OSError as exc:
+        reason = str(exc) if isinstance(exc, storage.StorageError) else f"{shard.url}: {exc}"
         return ShardRead([None] * expected, [f"{name}#{i}" for i in range(expected)],
-                         [f"{name}: {exc}"])
+                         [f"{name}: {storage.redact(reason)}"])
     read = parse_shard(data, expected, name)
     for error in read.errors:
         log.warning("data: %s", error)

@@ -43,6 +43,7 @@ from megatrain.data.stream.mixture import Source
 from megatrain.data.stream.objectives import CausalLM, Objective, padded_batch
 from megatrain.data.stream.order import DocProducer, SkipEvent, fresh_reader_state
 from megatrain.data.stream.packing import Packer, RowPacker, Window
+from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO
 from megatrain.errors import ConfigError, DataError
 
 STATE_VERSION = 2
@@ -73,6 +74,7 @@ class StreamConfig:
     pack_whole_docs: bool = False
     pad_id: int = -1
     max_skip_fraction: float = 1.0
+    io: ShardIO = DEFAULT_IO
 
     @property
     def readers_per_rank(self) -> int:
@@ -95,7 +97,7 @@ def make_packer(cfg: StreamConfig, state: dict[str, Any], reader: int,
                 num_readers: int) -> Packer | RowPacker:
     """Reader ``reader``'s packer, positioned at ``state``."""
     producer = DocProducer(cfg.sources, state, seed=cfg.seed, shuffle=cfg.shuffle,
-                           reader=reader, num_readers=num_readers)
+                           reader=reader, num_readers=num_readers, io=cfg.io)
     obj = cfg.objective
     common = {"row_tokens": obj.row_tokens, "rows": cfg.micro_batch_size,
               "overlap": obj.overlap, "eos_id": cfg.eos_id}
@@ -351,23 +353,25 @@ def build_train_stream(
     sources: Sequence[Source] | None = None,
     pack_whole_docs: bool = False,
     max_skip_fraction: float = 1.0,
+    io: ShardIO = DEFAULT_IO,
 ) -> TrainStream:
     """The training stream of ``rank`` over ``manifest``'s ``split`` shards, or over a mixture
     of ``sources`` (prepared with ``manifest``'s tokenizer); ``objective`` defaults to causal LM
-    over ``seq_len``."""
+    over ``seq_len``; ``io`` says how shards at URLs are fetched."""
     _check_stream_args(seq_len, micro_batch_size, seed, rank, world_size, num_workers)
     if not 0 <= max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
     objective = objective or CausalLM(seq_len, manifest.eos_id)
     if pack_whole_docs and objective.name not in ("clm", "mlm"):
         raise ConfigError(f"data.pack_whole_docs supports clm and mlm, not {objective.name}")
-    sources = tuple(sources or (Source(manifest.root.name, tuple(manifest.shards(split))),))
+    sources = tuple(sources or (Source(manifest.name, tuple(manifest.shards(split))),))
     config = StreamConfig(
         sources=sources, corpus=corpus_fingerprint(sources), split=split,
         eos_id=manifest.eos_id, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
         rank=rank, world_size=world_size, num_workers=num_workers, shuffle=shuffle,
         objective=objective, pack_whole_docs=pack_whole_docs,
         pad_id=int(manifest.tokenizer.get("pad_id", -1)), max_skip_fraction=max_skip_fraction,
+        io=io,
     )
     for source in sources:
         if source.samples < config.num_readers:
@@ -419,6 +423,7 @@ def iter_eval_batches(
     world_size: int,
     max_batches: int | None = None,
     objective: Objective | None = None,
+    io: ShardIO = DEFAULT_IO,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of ``split`` in natural order, packed, one pass, in-process.
 
@@ -427,9 +432,9 @@ def iter_eval_batches(
     """
     _check_stream_args(seq_len, micro_batch_size, 0, rank, world_size, 0)
     objective = objective or CausalLM(seq_len, manifest.eos_id)
-    source = Source(manifest.root.name, tuple(manifest.shards(split)), epochs=1)
+    source = Source(manifest.name, tuple(manifest.shards(split)), epochs=1)
     producer = DocProducer((source,), fresh_reader_state(1), seed=0, shuffle=False,
-                           reader=rank, num_readers=world_size)
+                           reader=rank, num_readers=world_size, io=io)
     packer = Packer(producer, row_tokens=objective.row_tokens, rows=micro_batch_size,
                     overlap=objective.overlap, eos_id=manifest.eos_id)
     for count, window in enumerate(packer.windows()):
