@@ -40,7 +40,8 @@ def _pax_path(data: bytes) -> str | None:
 
 def tar_members(data: bytes) -> tuple[list[tuple[str, memoryview]], str | None]:
     """``(name, bytes)`` of each regular file in tar order, and why the walk stopped early (None
-    at a clean end). Handles ustar prefixes, GNU long names and pax paths."""
+    at a clean end; a member with an unsafe name stops it). Handles ustar prefixes, GNU long
+    names and pax paths."""
     view, pos, members, long_name = memoryview(data), 0, [], None
     while pos + BLOCK <= len(data):
         header = data[pos : pos + BLOCK]
@@ -61,10 +62,19 @@ def tar_members(data: bytes) -> tuple[list[tuple[str, memoryview]], str | None]:
         name = long_name or _ustar_name(header)
         long_name = None
         if kind in (b"0", b"\0"):
+            if not safe_member_name(name):
+                return members, f"member {name!r} at byte {body_at - BLOCK} has an unsafe name"
             members.append((name, body))
     if not data:
         return members, "empty file"
     return members, "truncated (a partial block at the end)" if pos != len(data) else None
+
+
+def safe_member_name(name: str) -> bool:
+    """False for a name that would leave the tar's folder if extracted: absolute, or with a
+    ``..`` component. Such a shard is hostile or broken; nothing after that member is read."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts
 
 
 def _ustar_name(header: bytes) -> str:
