@@ -31,7 +31,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     """Python's file server plus single byte ranges (``Range: bytes=a-b``), as object stores
     and CDNs answer them."""
 
-    def send_head(self):  # noqa: ANN201 (http.server's signature)
+    def send_head(self):
         match = RANGE.match(self.headers.get("Range", ""))
         path = Path(self.translate_path(self.path))
         if not match or not path.is_file():
@@ -52,14 +52,14 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self._remaining = last - first + 1
         return f
 
-    def copyfile(self, source, outputfile) -> None:  # noqa: ANN001
+    def copyfile(self, source, outputfile) -> None:
         remaining = getattr(self, "_remaining", None)
         if remaining is None:
             return super().copyfile(source, outputfile)
         outputfile.write(source.read(remaining))
         return None
 
-    def log_message(self, *args) -> None:  # noqa: ANN002
+    def log_message(self, *args) -> None:
         pass
 
 
