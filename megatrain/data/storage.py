@@ -114,9 +114,9 @@ def with_retries(location: str, action: Callable[[], T], *, retries: int = DEFAU
     for attempt in range(retries + 1):
         try:
             return action()
-        except _NOT_TRANSIENT as exc:
-            raise StorageError(f"{redact(location)}: {redact(_describe(exc))}") from exc
         except Exception as exc:  # any transport failure is retried the same way
+            if not transient(exc):
+                raise StorageError(f"{redact(location)}: {redact(_describe(exc))}") from exc
             if attempt == retries:
                 raise StorageError(f"{redact(location)}: failed after {retries + 1} attempts "
                                    f"({redact(_describe(exc))})") from exc
@@ -125,6 +125,15 @@ def with_retries(location: str, action: Callable[[], T], *, retries: int = DEFAU
                         redact(_describe(exc)), wait, attempt + 1, retries)
             sleep(wait)
     raise AssertionError("unreachable")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether retrying may help: not for a missing or forbidden object, nor for an HTTP
+    client error (4xx: a bad range, a malformed request) other than a timeout or throttling."""
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    status = getattr(exc, "status", None)
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
 
 
 def _describe(exc: BaseException) -> str:

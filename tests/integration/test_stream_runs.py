@@ -1,11 +1,15 @@
 """The stream in real training runs: an elastic resume audited by data.trace over a mixture of
-tinyshakespeare and the stdlib corpus, and corrupt shards skipped, counted, or stopping the run."""
+tinyshakespeare and the stdlib corpus (on disk, and from the local S3 server), corrupt shards
+skipped, counted, or stopping the run (served over HTTP), and an HTTP server that goes away."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sysconfig
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +19,17 @@ import torch
 from megatrain.data.manifest import Manifest
 from megatrain.data.stream.shard_reader import read_shard
 from megatrain.data.stream.trace import read_traces
-from tests.integration.helpers import metrics, run_module, train
+from tests.integration.helpers import (
+    REPO,
+    TINY,
+    env_for_tests,
+    last_step,
+    metrics,
+    module_command,
+    run_module,
+    train,
+)
+from tests.servers import Server, http_server, upload_folder
 
 pytestmark = pytest.mark.integration
 SMALL = ("data.seq_len=64", "trainer.micro_batch_size=8", "trainer.eval_every=100000",
@@ -49,26 +63,37 @@ def _keys(manifest: Manifest, name: str) -> set[str]:
             for key in read_shard(s).keys}
 
 
-def _mixture(sources: tuple[Manifest, Manifest]) -> str:
-    shakespeare, stdlib = sources
-    return (f"data.mixture=[{{path: '{shakespeare.root}', name: shakespeare, weight: 0.5}},"
-            f"{{path: '{stdlib.root}', name: stdlib, weight: 0.5}}]")
+def _mixture(roots: tuple[str, str]) -> str:
+    shakespeare, stdlib = roots
+    return (f"data.mixture=[{{path: '{shakespeare}', name: shakespeare, weight: 0.5}},"
+            f"{{path: '{stdlib}', name: stdlib, weight: 0.5}}]")
 
 
-@pytest.mark.parametrize("nproc, workers", [(2, 1), (1, 2)],
-                         ids=["to-2-ranks-1-worker", "to-1-rank-2-workers"])
+@pytest.fixture(scope="module")
+def small_sources_s3(s3_corpus, small_sources: tuple[Manifest, Manifest]) -> tuple[str, str]:
+    """The two small corpora uploaded to the session's local S3 server."""
+    urls = ("s3://corpora/shakespeare", "s3://corpora/stdlib")
+    for manifest, url in zip(small_sources, urls, strict=True):
+        upload_folder(Path(manifest.root), url)
+    return urls
+
+
+@pytest.mark.parametrize("nproc, workers, store", [(2, 1, "disk"), (1, 2, "s3")],
+                         ids=["to-2-ranks-1-worker", "to-1-rank-2-workers-from-s3"])
 def test_an_elastic_resume_reads_every_document_once(
         tmp_path: Path, small_sources: tuple[Manifest, Manifest], nproc: int,
-        workers: int) -> None:
-    """torchrun, 2 ranks × 2 loader workers, data.trace; stopped at step 20 (mid-epoch), then
-    resumed on another layout: over both runs each document of epoch 0 is traced exactly once."""
+        workers: int, store: str, request: pytest.FixtureRequest) -> None:
+    """2 ranks × 2 loader workers, data.trace; stopped at step 20 (mid-epoch), then resumed on
+    another layout: over both runs each document of epoch 0 is traced exactly once. The second
+    case streams both corpora from the local S3 server."""
     run = tmp_path / "run"
-    common = (*SMALL, _mixture(small_sources), "data.trace=true", "trainer.save_every=20",
+    roots = (request.getfixturevalue("small_sources_s3") if store == "s3"
+             else tuple(m.root for m in small_sources))
+    common = (*SMALL, _mixture(roots), "data.trace=true", "trainer.save_every=20",
               "schedule.total_steps=150")
-    train(run, small_sources[0].root, "trainer.max_steps=20", "data.num_workers=2", *common,
-          nproc=2)
+    train(run, roots[0], "trainer.max_steps=20", "data.num_workers=2", *common, nproc=2)
     assert sorted(read_traces(run)) == [0, 1]
-    resumed = train(run, small_sources[0].root, "trainer.max_steps=150",
+    resumed = train(run, roots[0], "trainer.max_steps=150",
                     f"data.num_workers={workers}", *common, nproc=nproc, check=False)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     seen, later = Counter(), Counter()
@@ -101,9 +126,11 @@ def _corrupt_copy(source: Path, out: Path) -> dict[str, int]:
 
 def test_corrupt_shards_are_skipped_and_counted_or_stop_the_run(
         tmp_path: Path, small_sources: tuple[Manifest, Manifest]) -> None:
-    data = tmp_path / "corrupt"
-    lost = _corrupt_copy(small_sources[0].root, data)
+    """The corrupt corpus is served over HTTP: faults are isolated the same way as on disk."""
+    lost = _corrupt_copy(small_sources[0].root, tmp_path / "corrupt")
     assert all(n > 0 for n in lost.values())
+    server = http_server(tmp_path).start()
+    data = f"http://127.0.0.1:{server.port}/corrupt"
     run = tmp_path / "run"
     train(run, data, *SMALL, "trainer.max_steps=150", "trainer.save_every=150",
           "data.max_skip_fraction=0.9", "data.num_workers=2")
@@ -115,7 +142,54 @@ def test_corrupt_shards_are_skipped_and_counted_or_stop_the_run(
 
     failed = train(tmp_path / "run2", data, *SMALL, "trainer.max_steps=150",
                    "data.max_skip_fraction=0.01", check=False)
+    server.stop()
     assert failed.returncode == 2, failed.stderr[-3000:]
     message = failed.stderr.strip().splitlines()[-1]
     assert "max_skip_fraction=0.01" in message and any(name in message for name in lost)
     assert "Traceback" not in failed.stderr
+
+
+def _train_through_outage(run: Path, server: Server, data: str, *overrides: str,
+                          outage: float | None) -> subprocess.CompletedProcess[str]:
+    """Train from ``data`` (a URL of ``server``); once step 4 is logged, stop the server for
+    ``outage`` seconds (None: for good)."""
+    args = [*TINY, *SMALL, f"data.train={data}", f"run.dir={run}", "trainer.log_every=1",
+            "trainer.save_every=100000", *overrides]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(module_command("train", args), cwd=REPO, env=env_for_tests(),
+                                   stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + 120
+        while last_step(run) < 4 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        if outage is not None:
+            time.sleep(outage)
+            server.start()
+        process.wait(timeout=180)  # never a hang
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, process.returncode, out.read(), err.read())
+
+
+def test_a_server_gone_mid_run_is_waited_for_or_named(
+        tmp_path: Path, small_sources: tuple[Manifest, Manifest]) -> None:
+    """Back within the retries: the run goes on and skips nothing. Gone for good: the run exits
+    non-zero naming the shard's URL, after data.retries, without skipping more than the budget."""
+    server = http_server(Path(small_sources[0].root).parent).start()
+    url = f"http://127.0.0.1:{server.port}/{Path(small_sources[0].root).name}"
+    try:
+        back = _train_through_outage(tmp_path / "back", server, url, "trainer.max_steps=120",
+                                     outage=2.0)
+        assert back.returncode == 0, back.stderr[-3000:]
+        rows = [r for r in metrics(tmp_path / "back") if "loss" in r]
+        assert [r["step"] for r in rows] == list(range(1, 121))
+        assert rows[-1]["data_skipped"] == 0 and "retrying in" in back.stderr
+
+        gone = _train_through_outage(tmp_path / "gone", server, url, "trainer.max_steps=400",
+                                     "data.retries=1", outage=None)
+        assert gone.returncode == 2, gone.stderr[-3000:]
+        message = gone.stderr.strip().splitlines()[-1]
+        assert "data.max_skip_fraction" in message and f"{url}/train-" in message
+        assert "failed after 2 attempts" in message
+    finally:
+        server.stop()

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatrain.data.manifest import Manifest
 from megatrain.data import storage
+from megatrain.data.manifest import Manifest
 from megatrain.data.stream.shard_reader import ShardIO, parse_shard, read_shard
 from megatrain.data.stream.train_stream import build_train_stream
 from megatrain.errors import DataError
@@ -122,3 +122,18 @@ def test_a_missing_shard_is_named_at_start(tmp_path: Path) -> None:
     corpus.shards("train")[3].path.unlink()
     with pytest.raises(DataError, match="missing: train-000003.tar"):
         Manifest.load(tmp_path).check_files()
+
+
+@pytest.mark.parametrize("budget", [0.01, 1.0])
+def test_a_reader_with_nothing_readable_stops_instead_of_spinning(tmp_path: Path,
+                                                                  budget: float) -> None:
+    """No batch ever reaches the rank's count: the reader itself stops, past the budget or
+    after an epoch with nothing readable (a budget of everything)."""
+    corpus = make_corpus(tmp_path, LENGTHS, shards=4)
+    for shard in corpus.shards("train"):
+        shard.path.write_bytes(b"")
+    s = build_train_stream(corpus, seq_len=16, micro_batch_size=2, seed=0, rank=0,
+                           world_size=1, num_workers=0, max_skip_fraction=budget)
+    what = "max_skip_fraction=0.01" if budget < 1 else "nothing readable in its share of epoch 0"
+    with pytest.raises(DataError, match=f"{what}.*bad shards: train-00000.\\.tar \\(train-"):
+        next(iter(s))

@@ -18,8 +18,10 @@ Every document carries the position from which it is the next one produced, so "
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ import numpy as np
 from megatrain.data.stream.elastic import share
 from megatrain.data.stream.mixture import Source, choose
 from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO, ShardRead, read_shard
+from megatrain.errors import DataError
 
 Position = tuple[list, int, int, int]
 """(todo, item, g, next): a source cursor's queue, the piece and index it is at, next epoch."""
@@ -80,15 +83,40 @@ class EpochOrder:
 SkipEvent = tuple[int, str, str]  # (epoch, shard name, reason)
 
 
+@dataclass
+class SkipGuard:
+    """A reader's own count of unreadable samples per epoch. The rank counts skips as batches
+    arrive; a reader whose shards all fail yields no batch, so it must stop itself: past
+    ``limit`` (the rank's budget, which its own count can't exceed without the rank's doing so),
+    or after a whole epoch with nothing readable."""
+
+    limit: float = math.inf
+    fraction: float = 1.0  # data.max_skip_fraction, for the message
+    skipped: Counter = field(default_factory=Counter)
+    bad: dict[str, str] = field(default_factory=dict)
+
+    def note(self, epoch: int, shard: str, reason: str) -> None:
+        self.skipped[epoch] += 1
+        self.bad.setdefault(shard, reason)
+        if self.skipped[epoch] > self.limit:
+            self.fail(f"{self.skipped[epoch]} unreadable samples in epoch {epoch}, more than "
+                      f"data.max_skip_fraction={self.fraction} of its rank's share")
+
+    def fail(self, what: str) -> None:
+        shards = "; ".join(f"{name} ({why})" for name, why in sorted(self.bad.items()))
+        raise DataError(f"a data reader found {what}; bad shards: {shards}")
+
+
 class SourceCursor:
     """One source as seen by one reader: yields its documents in order, skipping bad samples
     (recorded in ``skips``)."""
 
     def __init__(self, source: Source, index: int, *, seed: int, shuffle: bool, reader: int,
                  num_readers: int, state: dict[str, Any], skips: list[SkipEvent],
-                 io: ShardIO) -> None:
+                 io: ShardIO, guard: SkipGuard) -> None:
         self.source, self.index, self.seed, self.shuffle = source, index, seed, shuffle
-        self.io = io
+        self.io, self.guard = io, guard
+        self._epoch_docs: int | None = None  # documents produced in the epoch begun here
         self.reader, self.num_readers, self.skips = reader, num_readers, skips
         self.counts = [s.samples for s in source.shards]
         self.total = sum(self.counts)
@@ -116,12 +144,18 @@ class SourceCursor:
                 self.g = self.todo[self.item][1] if self.item < len(self.todo) else 0
             tokens, key = self._sample(e, g)
             if tokens is not None:
+                if self._epoch_docs is not None:
+                    self._epoch_docs += 1
                 start = off if g == a else 0
                 return tokens[start:], key, e, g, start, pos
 
     def _next_epoch(self) -> bool:
+        if self._epoch_docs == 0 and self.guard.skipped[self.next - 1]:
+            self.guard.fail(f"nothing readable in its share of epoch {self.next - 1} of "
+                            f"{self.source.name}")
         if self.source.epochs is not None and self.next >= self.source.epochs:
             return False
+        self._epoch_docs = 0
         lo, hi = share(self.total, self.reader, self.num_readers)
         self.todo = [(self.next, lo, hi, 0)] if hi > lo else []
         self.item, self.g, self.next = 0, lo, self.next + 1
@@ -142,6 +176,7 @@ class SourceCursor:
         if tokens is None:
             reason = read.errors[0] if read.errors else "unreadable sample"
             self.skips.append((epoch, self.source.shards[shard].name, reason))
+            self.guard.note(epoch, self.source.shards[shard].name, reason)
         return tokens, read.keys[sample]
 
 
@@ -155,12 +190,14 @@ class DocProducer:
     (and a token offset into it) back into a reader state."""
 
     def __init__(self, sources: Sequence[Source], state: dict[str, Any], *, seed: int,
-                 shuffle: bool, reader: int, num_readers: int, io: ShardIO = DEFAULT_IO) -> None:
+                 shuffle: bool, reader: int, num_readers: int, io: ShardIO = DEFAULT_IO,
+                 guard: SkipGuard | None = None) -> None:
         self.skips: list[SkipEvent] = []
+        guard = guard or SkipGuard()
         self.cursors = [
             SourceCursor(src, i, seed=seed, shuffle=shuffle, reader=reader,
                          num_readers=num_readers, state=state["sources"][i], skips=self.skips,
-                         io=io)
+                         io=io, guard=guard)
             for i, src in enumerate(sources)
         ]
         self.weights = [s.weight for s in sources]

@@ -41,7 +41,7 @@ from megatrain.data.manifest import Manifest, ShardInfo
 from megatrain.data.stream.elastic import merge_readers
 from megatrain.data.stream.mixture import Source
 from megatrain.data.stream.objectives import CausalLM, Objective, padded_batch
-from megatrain.data.stream.order import DocProducer, SkipEvent, fresh_reader_state
+from megatrain.data.stream.order import DocProducer, SkipEvent, SkipGuard, fresh_reader_state
 from megatrain.data.stream.packing import Packer, RowPacker, Window
 from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO
 from megatrain.errors import ConfigError, DataError
@@ -84,6 +84,11 @@ class StreamConfig:
     def num_readers(self) -> int:
         return self.world_size * self.readers_per_rank
 
+    @property
+    def skip_budget(self) -> float:
+        """The unreadable samples this rank may skip per epoch."""
+        return self.max_skip_fraction * sum(s.samples for s in self.sources) / self.world_size
+
     def identity(self) -> dict[str, Any]:
         """The fields a saved state must agree on (anything but the layout) to resume."""
         keys = ("corpus", "split", "seq_len", "seed", "shuffle", "pack_whole_docs")
@@ -97,7 +102,8 @@ def make_packer(cfg: StreamConfig, state: dict[str, Any], reader: int,
                 num_readers: int) -> Packer | RowPacker:
     """Reader ``reader``'s packer, positioned at ``state``."""
     producer = DocProducer(cfg.sources, state, seed=cfg.seed, shuffle=cfg.shuffle,
-                           reader=reader, num_readers=num_readers, io=cfg.io)
+                           reader=reader, num_readers=num_readers, io=cfg.io,
+                           guard=SkipGuard(cfg.skip_budget, cfg.max_skip_fraction))
     obj = cfg.objective
     common = {"row_tokens": obj.row_tokens, "rows": cfg.micro_batch_size,
               "overlap": obj.overlap, "eos_id": cfg.eos_id}
@@ -205,8 +211,6 @@ class TrainStream:
         self._tokens = [0] * len(config.sources)
         self._skipped: Counter[int] = Counter()  # by epoch
         self._bad_shards: dict[str, str] = {}
-        total = sum(s.samples for s in config.sources)
-        self._skip_budget = config.max_skip_fraction * total / config.world_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.config
@@ -237,7 +241,7 @@ class TrainStream:
         for epoch, shard, reason in skips:
             self._skipped[epoch] += 1
             self._bad_shards.setdefault(shard, reason)
-            if self._skipped[epoch] > self._skip_budget:
+            if self._skipped[epoch] > self.config.skip_budget:
                 self._over_budget(epoch)
 
     def _over_budget(self, epoch: int) -> None:
