@@ -10,17 +10,20 @@ and for the worker processes separately, so "per core" is measured rather than a
 table says where the time goes. The best of ``--repeats`` runs is kept (shared machines are noisy;
 the load average is printed with the results).
 
-    python tools/bench_data.py stream [--workers 0 1 2] [--batches 1500] [--repeats 3] [--profile]
+    python tools/bench_data.py stream [--workers 0 1 2] [--stores disk http s3] [--batches 1500]
+                                      [--repeats 3] [--profile]
 
-``stream``: one rank's training stream (CLM, packed, seq_len 1024, micro-batch 8) from local
-shards of the stdlib corpus, in tokens/s, for each number of DataLoader workers (0: in-process).
-Worker start-up and the first shard are not timed; ``--profile`` prints where the in-process time
-goes.
+``stream``: one rank's training stream (CLM, packed, seq_len 1024, micro-batch 8) from shards of
+the stdlib corpus, in tokens/s, for each store (local disk; the HTTP and S3 servers the tests use,
+started here on 127.0.0.1: ``tests/servers.py``) and number of DataLoader workers (0:
+in-process). Worker start-up and the first shard are not timed; ``--profile`` prints where the
+in-process time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -28,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +117,7 @@ def _report(args: argparse.Namespace, trained: float, runs: list[Run]) -> None:
 # --- stream throughput ----------------------------------------------------------------------
 
 
-def stream_once(data: Path, workers: int, batches: int, seq_len: int, micro_batch: int) -> float:
+def stream_once(data: str, workers: int, batches: int, seq_len: int, micro_batch: int) -> float:
     """Tokens/s of one rank's training stream (CLM, packed) with ``workers`` loader workers; the
     first batch (worker start-up, first shard) is not timed."""
     from megatrain.data.manifest import Manifest
@@ -131,8 +135,29 @@ def stream_once(data: Path, workers: int, batches: int, seq_len: int, micro_batc
     return tokens / wall
 
 
+@contextlib.contextmanager
+def served(data: Path, store: str) -> Iterator[str]:
+    """The prepared folder ``data`` as ``store`` serves it: its path, or its URL on a local HTTP
+    or S3 server started for the benchmark."""
+    if store == "disk":
+        yield str(data)
+        return
+    from tests.servers import http_server, s3_environment, s3_server, upload_folder
+
+    server = (http_server(data.parent) if store == "http" else s3_server()).start()
+    try:
+        if store == "http":
+            yield f"http://127.0.0.1:{server.port}/{data.name}"
+            return
+        with s3_environment(server.port):
+            upload_folder(data, "s3://bench/corpus")
+            yield "s3://bench/corpus"
+    finally:
+        server.stop()
+
+
 def bench_stream(args: argparse.Namespace) -> None:
-    data = Path(args.data) if args.data else ensure_prepared(
+    folder = Path(args.data) if args.data else ensure_prepared(
         "stdlib", Path(tempfile.gettempdir()) / "megatrain_bench", args.vocab_size,
         workers=2, progress=False)
     if args.profile:
@@ -140,21 +165,24 @@ def bench_stream(args: argparse.Namespace) -> None:
         import pstats
 
         cProfile.runctx("stream_once(data, 0, args.batches, args.seq_len, args.micro_batch)",
-                        globals(), {"data": data, "args": args}, "/tmp/bench_stream.prof")
+                        globals(), {"data": str(folder), "args": args}, "/tmp/bench_stream.prof")
         pstats.Stats("/tmp/bench_stream.prof").sort_stats("tottime").print_stats(15)
     rows = []
-    for workers in args.workers:
-        rate = max(stream_once(data, workers, args.batches, args.seq_len, args.micro_batch)
-                   for _ in range(args.repeats))
-        rows.append(f"| {workers} | {args.seq_len} | {args.micro_batch} | {args.batches} | "
-                    f"{rate / 1e6:.1f}M |")
-        print(f"workers={workers}: {rate:,.0f} tokens/s", file=sys.stderr)
+    for store in args.stores:
+        with served(folder, store) as data:
+            for workers in args.workers:
+                rate = max(stream_once(data, workers, args.batches, args.seq_len,
+                                       args.micro_batch) for _ in range(args.repeats))
+                rows.append(f"| {store} | {workers} | {args.seq_len} | {args.micro_batch} | "
+                            f"{args.batches} | {rate / 1e6:.1f}M |")
+                print(f"{store} workers={workers}: {rate:,.0f} tokens/s", file=sys.stderr)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}; corpus {data}")
+          f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}; corpus {folder}")
     print(f"command: python tools/bench_data.py stream --workers "
-          f"{' '.join(map(str, args.workers))} --batches {args.batches} --repeats {args.repeats}")
-    print("\n| loader workers | seq_len | micro-batch | batches timed | tokens/s (best) |\n"
-          "|---|---|---|---|---|")
+          f"{' '.join(map(str, args.workers))} --stores {' '.join(args.stores)} "
+          f"--batches {args.batches} --repeats {args.repeats}")
+    print("\n| store | loader workers | seq_len | micro-batch | batches timed | tokens/s (best) |"
+          "\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
@@ -169,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     prep.set_defaults(run=bench_prepare)
     stream = sub.add_parser("stream", help="training stream throughput from local shards")
     stream.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    stream.add_argument("--stores", nargs="+", choices=("disk", "http", "s3"),
+                        default=["disk", "http", "s3"])
     stream.add_argument("--data", help="a prepared folder (default: stdlib, prepared once)")
     stream.add_argument("--vocab-size", type=int, default=8192)
     stream.add_argument("--seq-len", type=int, default=1024)
