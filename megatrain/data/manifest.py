@@ -97,8 +97,9 @@ class Manifest:
 
     @property
     def name(self) -> str:
-        """The folder's last component: a source's default name in a mixture."""
-        return self.root.rstrip("/").rsplit("/", 1)[-1]
+        """The folder's last component (before a ``pipe:`` command's ``{}``): a source's
+        default name."""
+        return self.root.split("{}", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def tokenizer_path(self) -> Path:

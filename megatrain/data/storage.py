@@ -53,8 +53,14 @@ def local_path(location: str | Path) -> Path:
 
 
 def join(base: str | Path, name: str) -> str:
-    """``name`` inside the folder ``base``, for a path or a URL alike."""
+    """``name`` inside the folder ``base``, for a path or a URL alike; for a ``pipe:`` command,
+    the command with ``{}`` replaced by ``name`` (``pipe:aws s3 cp s3://b/corpus/{} -``)."""
     base = str(base)
+    if base.startswith(PIPE):
+        if "{}" not in base:
+            raise ValueError(f"{redact(base)}: a pipe: corpus needs {{}} where a file name goes, "
+                             "e.g. 'pipe:aws s3 cp s3://bucket/corpus/{} -'")
+        return base.replace("{}", name)
     if is_url(base):
         return f"{base.rstrip('/')}/{name}"
     return str(local_path(base) / name)
@@ -175,6 +181,12 @@ def _read_pipe(location: str, limit: int) -> bytes:
 
 
 def exists(location: str) -> bool:
+    if location.startswith(PIPE):  # a command can only tell by running
+        try:
+            _read_pipe(location, 0)
+        except OSError:
+            return False
+        return True
     if is_url(location):
         fs, path = filesystem(location)
         return with_retries(location, lambda: fs.exists(path))

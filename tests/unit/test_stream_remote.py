@@ -44,6 +44,14 @@ def test_a_corpus_at_a_url_streams_the_same_batches_as_from_disk(
         assert all(np.array_equal(a, b) for a, b in zip(local, got, strict=True))
 
 
+def test_a_corpus_read_through_a_pipe_command_streams_the_same_batches(prepared) -> None:
+    remote = Manifest.load(f"pipe:cat {prepared.root}/{{}}")
+    assert remote.shards("train")[0].url == f"pipe:cat {prepared.root}/train-000000.tar"
+    assert remote.name == Path(prepared.root).name
+    local, got = input_ids(prepared, 8), input_ids(remote, 8)
+    assert all(np.array_equal(a, b) for a, b in zip(local, got, strict=True))
+
+
 def test_a_missing_corpus_or_shard_at_a_url_is_named(http_corpus) -> None:
     _, url = http_corpus
     with pytest.raises(DataError, match=r"http://127\.0\.0\.1:\d+/nowhere/manifest.json does "
