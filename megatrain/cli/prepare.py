@@ -1,6 +1,6 @@
 """``megatrain-prepare``: raw corpus → tokenizer + tokenized WebDataset shards + manifest.json.
 
-``megatrain-prepare --verify DIR`` checks a prepared folder against its manifest instead.
+``megatrain-prepare --verify DIR|URL`` checks a prepared corpus against its manifest instead.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 from megatrain.cli.common import run_command
 from megatrain.data.prepare.train_tokenizer import DEFAULT_MAX_SENTENCES, TOKENIZER_TYPES
+from megatrain.data.storage import redact
 from megatrain.errors import EXIT_OK, DataError
 
 
@@ -24,16 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--source",
-        help="a .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet file, glob or folder, or 'stdlib'",
+        help="a .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet file, glob or folder; WebDataset "
+        ".tar shards (text in a txt member or a json member's --text-field) as files, globs, "
+        "brace patterns (corpus-{000000..000127}.tar) or http(s):// / s3:// URLs; or 'stdlib'",
     )
-    parser.add_argument("--out", type=Path, help="output folder")
-    parser.add_argument("--verify", type=Path, metavar="DIR",
-                        help="check a prepared folder's shards against its manifest and exit")
+    parser.add_argument("--out", help="output folder, or a URL (s3://bucket/prefix): staged in "
+                        "$MEGATRAIN_CACHE/prepare-staging, each shard uploaded when complete, "
+                        "manifest.json last")
+    parser.add_argument("--verify", metavar="DIR|URL",
+                        help="check a prepared corpus's shards against its manifest and exit")
     _tokenizer_options(parser)
     _shard_options(parser)
     _cleaning_options(parser)
     parser.add_argument("--text-field", default="text",
-                        help="JSONL field / Parquet column holding the text (default: text)")
+                        help="JSONL field / Parquet column / field of a WebDataset sample's json "
+                        "member holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,7 +125,7 @@ def _prepare(args: argparse.Namespace) -> int:
     tokens = stats["train_tokens"] + stats["eval_tokens"]
     shards = {split: len(manifest.splits[split]) for split in ("train", "eval")}
     print(
-        f"prepared {args.out}: {stats['documents']} docs, {tokens:,} tokens "
+        f"prepared {redact(args.out)}: {stats['documents']} docs, {tokens:,} tokens "
         f"(train {stats['train_tokens']:,}, eval {stats['eval_tokens']:,}), "
         f"shards train={shards['train']} eval={shards['eval']}, vocab {manifest.vocab_size}, "
         f"{tokens / seconds:,.0f} tokens/s in {seconds:.1f}s, "
@@ -131,7 +136,7 @@ def _prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _verify(folder: Path) -> int:
+def _verify(folder: str) -> int:
     from megatrain.data.prepare.verify import verify
 
     checks = verify(folder)
@@ -139,9 +144,10 @@ def _verify(folder: Path) -> int:
         print(check.line())
     bad = [c.name for c in checks if not c.ok]
     if bad:
-        raise DataError(f"{folder}: {len(bad)} of {len(checks)} files failed verification: "
-                        f"{', '.join(bad)}")
-    print(f"verified {folder}: {len(checks) - 1} shards and the tokenizer match the manifest")
+        raise DataError(f"{redact(folder)}: {len(bad)} of {len(checks)} files failed "
+                        f"verification: {', '.join(bad)}")
+    print(f"verified {redact(folder)}: {len(checks) - 1} shards and the tokenizer match the "
+          "manifest")
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from megatrain.cli.prepare import main
 from megatrain.data.manifest import Manifest, sha256_file
 from megatrain.data.prepare.pipeline import ensure_prepared, prepare, unigram_entropy
 from megatrain.data.prepare.sources import chunk_text, iter_documents, resolve_files
+from megatrain.data.tar import npy_tokens, tar_samples
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError, DataError
 
@@ -63,6 +64,29 @@ def test_tokens_decode_back_to_the_source_documents(prepared: Manifest, corpus_d
         assert tok.decode(sample["tokens"].tolist()) == doc.text
         assert sample["meta"] == {"source": doc.source, "bytes": len(doc.text.encode())}
         assert tok.eos_id not in sample["tokens"]  # the packer adds EOS, not the shards
+
+
+def test_plain_webdataset_decodes_the_shards_as_docs_data_md_shows(
+    prepared: Manifest, corpus_dir: Path
+) -> None:
+    """docs/data.md: ``wds.WebDataset(urls, shardshuffle=False).decode()`` gives each sample's
+    ids as a 1-d uint16 array under "tokens.npy" and its metadata as a dict under "json"."""
+    urls = [shard.url for shard in prepared.shards("train")]
+    decoded = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(decoded) == prepared.stats["train_documents"]
+    tok = load_tokenizer(prepared.tokenizer_path)
+    docs = {d.key: d for d in iter_documents(str(corpus_dir))}
+    ours = []  # megatrain's own reader, shard by shard in tar order
+    for shard in prepared.shards("train"):
+        ours += [(key, npy_tokens(parts["tokens.npy"]))
+                 for key, parts in tar_samples(shard.path.read_bytes())[0]]
+    assert [s["__key__"] for s in decoded] == [key for key, _ in ours]
+    assert all(np.array_equal(s["tokens.npy"], t) for s, (_, t) in zip(decoded, ours))
+    for sample in decoded:
+        tokens, doc = sample["tokens.npy"], docs[sample["__key__"]]
+        assert isinstance(tokens, np.ndarray) and tokens.dtype == np.uint16 and tokens.ndim == 1
+        assert tok.decode(tokens.tolist()) == doc.text
+        assert sample["json"] == {"source": doc.source, "bytes": len(doc.text.encode())}
 
 
 def test_eval_split_is_nonempty_and_disjoint(prepared: Manifest) -> None:

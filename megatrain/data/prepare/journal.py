@@ -10,6 +10,10 @@ of listed shards whose file still has that size and sha256 and writes only what 
 last line (a kill mid-append) is ignored. A different fingerprint starts over.
 
 The journal stays after a successful prepare, so rerunning a finished prepare only re-verifies.
+
+For ``--out URL`` the journal is kept in the local staging folder and uploaded after every event
+(each shard's upload first), so the copy at the URL only lists shards the URL holds; a rerun
+starts from that copy (``pipeline._Remote``), on the same machine or another.
 """
 
 from __future__ import annotations

@@ -11,10 +11,17 @@ does not grow with the corpus) and results are consumed in submission order, so 
 byte-identical for the same inputs, options and tokenizer, whatever the worker count. Routing and
 cleaning never look at tokens, so a rerun after an interruption replays them cheaply and only
 tokenizes the documents that belong to unfinished shards (see ``journal.py``).
+
+``out`` may be a URL (``s3://bucket/prefix``, any writable fsspec store): the run then works in a
+local staging folder (``$MEGATRAIN_CACHE/prepare-staging/<hash of the URL>``) and uploads each
+shard once it is complete (deleting the local copy), then the journal; the tokenizer before any
+shard, ``manifest.json`` last. The journal at the URL is the truth: a rerun, on this machine or
+another, downloads it and keeps the listed shards that the URL still holds with their sha256.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -22,31 +29,44 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from megatrain.data.manifest import MANIFEST, SPLITS, Manifest, ShardInfo, sha256_file
+from megatrain.data import storage
+from megatrain.data.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_TOKENIZER_BYTES,
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    sha256_file,
+)
 from megatrain.data.prepare.clean import Cleaner, CleanOptions
-from megatrain.data.prepare.journal import Journal, JournalShard
+from megatrain.data.prepare.journal import JOURNAL, Journal, JournalShard
 from megatrain.data.prepare.shard_writer import (
     TMP_SUFFIX,
     Encoded,
+    ShardDone,
     ShardLimit,
     ShardWriter,
-    shard_token_counts,
+    token_counts,
     token_dtype,
 )
 from megatrain.data.prepare.sources import (
     DEFAULT_TEXT_FIELD,
     STDLIB,
     Document,
+    Location,
     file_documents,
+    file_stamp,
     resolve_files,
     slugify,
 )
@@ -63,7 +83,7 @@ from megatrain.data.tokenizer import (
     load_tokenizer,
 )
 from megatrain.data.tokenizer.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
-from megatrain.errors import ConfigError, DataError
+from megatrain.errors import ConfigError, DataError, MegatrainError
 
 DEFAULT_SHARD_TOKENS = 1_000_000
 CHUNK_DOCS = 256
@@ -123,7 +143,7 @@ class PrepareOptions:
 
 def prepare(
     source: str,
-    out: Path,
+    out: str | Path,
     *,
     tokenizer: str | None = None,
     vocab_size: int = 8192,
@@ -140,7 +160,8 @@ def prepare(
     dedup: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    """Tokenize ``source`` into ``out``; returns the manifest, which is written last.
+    """Tokenize ``source`` into ``out`` (a folder, or a URL written through a local staging
+    folder); returns the manifest, which is written last.
 
     Rerunning into the same ``out`` with the same inputs and options continues an interrupted
     run: finished shards that still verify are kept, the rest is written.
@@ -151,52 +172,138 @@ def prepare(
     )
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    return _Run(options, Path(out), workers, progress).run()
+    return _Run(options, out, workers, progress).run()
+
+
+def staging_dir(url: str) -> Path:
+    """Where a prepare to ``url`` works before uploading: ``$MEGATRAIN_CACHE`` (else
+    ``~/.cache/megatrain``) ``/prepare-staging/<hash of the URL>``."""
+    cache = Path(os.environ.get("MEGATRAIN_CACHE") or Path.home() / ".cache" / "megatrain")
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return cache.expanduser() / "prepare-staging" / digest
 
 
 class _Run:
     """One prepare: resume bookkeeping, tokenizer, then the document pipeline."""
 
-    def __init__(self, options: PrepareOptions, out: Path, workers: int, progress: bool) -> None:
-        self.options, self.out, self.workers, self.progress = options, out, workers, progress
-        self.files: list[tuple[Path, str]] = []  # resolved by run()
+    def __init__(self, options: PrepareOptions, out: str | Path, workers: int,
+                 progress: bool) -> None:
+        self.options, self.workers, self.progress = options, workers, progress
+        self.remote = _Remote(str(out)) if storage.is_url(out) else None
+        self.out = self.remote.staging if self.remote else storage.local_path(out)
+        """Where files are written: the output folder, or the staging folder of a URL."""
+        self.where = self.remote.display if self.remote else str(self.out)
+        self.files: list[tuple[Location, str]] = []  # resolved by run()
 
     def run(self) -> Manifest:
         self.files = files = resolve_files(self.options.source)  # fail early on a bad source
         given = _given_tokenizer(self.options.tokenizer)
+        fingerprint = _fingerprint(self.options, files, given)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MANIFEST).unlink(missing_ok=True)  # a crash must not leave a stale index
-        journal = Journal.open(self.out, _fingerprint(self.options, files, given))
+        if self.remote:
+            self.remote.start(self.out / JOURNAL)
+        journal = Journal.open(self.out, fingerprint)
+        if self.remote:  # fails now, not after training a tokenizer, if the URL can't be written
+            self.remote.upload(journal.path)
         if not journal.resumed:
             _clear_outputs(self.out, keep=given)
         tok = self._tokenizer(journal, given)
-        done = _verified_shards(journal)
+        done, counts = self._verified_shards(journal, tok.vocab_size)
         _remove_unlisted_shards(self.out, done)
+        if self.remote:
+            self.remote.remove_unlisted(done)
+            self.remote.upload(journal.path)
         if any(done.values()):
-            log.info("resuming %s: %s already finished", self.out,
+            log.info("resuming %s: %s already finished", self.where,
                      ", ".join(f"{len(v)} {k} shards" for k, v in done.items()))
-        writer = CorpusWriter(self.out, tok.vocab_size, self.options.limit, done, journal)
+        writer = CorpusWriter(self.out, tok.vocab_size, self.options.limit, done,
+                              self._on_shard(journal), counts)
         cleaner = Cleaner(self.options.clean)
         self._tokenize(cleaner, writer, tok.path, {s: sum(j.inputs for j in v)
                                                     for s, v in done.items()})
         splits = writer.close()
         stats = writer.stats() | cleaner.stats()
         _log_stats(stats)
-        manifest = Manifest(self.out, self.options.source, self.options.seed, _tokenizer_entry(tok),
+        root = self.remote.url if self.remote else self.out
+        if self.remote:
+            splits = {split: [dataclasses.replace(s, url=storage.join(root, s.name))
+                              for s in shards] for split, shards in splits.items()}
+        manifest = Manifest(root, self.options.source, self.options.seed, _tokenizer_entry(tok),
                             splits, stats, self.options.to_json())
-        manifest.save()
+        self._save(manifest)
         return manifest
+
+    def _save(self, manifest: Manifest) -> None:
+        """Write the manifest, last; a URL's staging folder is then no longer needed."""
+        if self.remote is None:
+            manifest.save()
+            return
+        _storage(lambda: manifest.save())
+        shutil.rmtree(self.out, ignore_errors=True)
 
     def _tokenizer(self, journal: Journal, given: Tokenizer | None) -> Tokenizer:
         """The journal's tokenizer when its file is intact, else a copied or trained one."""
         recorded = journal.tokenizer
         if recorded is not None:
             path = self.out / recorded["file"]
-            if path.is_file() and sha256_file(path) == recorded["sha256"]:
+            # at a URL, the copy there is the one the manifest will name
+            present = self.remote.fetch_tokenizer(path) if self.remote else path.is_file()
+            if present and sha256_file(path) == recorded["sha256"]:
                 return load_tokenizer(path)
         path = given.save(self.out) if given else self._train_tokenizer()
+        tok = load_tokenizer(path)
+        if self.remote:
+            for file in (path, *tok.companion_files()):
+                self.remote.upload(file)
         journal.set_tokenizer({"file": path.name, "sha256": sha256_file(path)})
-        return load_tokenizer(path)
+        if self.remote:
+            self.remote.upload(journal.path)
+        return tok
+
+    def _verified_shards(
+        self, journal: Journal, vocab_size: int
+    ) -> tuple[dict[str, list[JournalShard]], np.ndarray]:
+        """Each split's longest prefix of journaled shards whose bytes (the local file, or the
+        object at the URL) have their size and sha256; and the id counts of the kept train
+        shards (the statistics of a resumed run cover them)."""
+        kept: dict[str, list[JournalShard]] = {}
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for split, shards in journal.shards.items():
+            kept[split] = []
+            for shard in shards:
+                data = self._shard_bytes(shard.info)
+                if data is None or hashlib.sha256(data).hexdigest() != shard.info.sha256:
+                    log.warning("%s: %s and later %s shards will be written again",
+                                self.where, shard.info.name, split)
+                    break
+                kept[split].append(shard)
+                if split == "train":
+                    counts += token_counts(data, shard.info.name, vocab_size)
+        journal.keep(kept)
+        return kept, counts
+
+    def _shard_bytes(self, info: ShardInfo) -> bytes | None:
+        """A finished shard's bytes if it is there with its recorded size, else None."""
+        if self.remote:
+            return self.remote.read(info.name, info.nbytes)
+        path = info.path
+        if not path.is_file() or path.stat().st_size != info.nbytes:
+            return None
+        return path.read_bytes()
+
+    def _on_shard(self, journal: Journal) -> ShardDone:
+        """What follows a shard's rename into place: for a URL its upload (and the local copy's
+        removal), then the journal line — and the journal's upload, so that the journal at the
+        URL only ever lists shards the URL holds."""
+        def done(split: str, info: ShardInfo, inputs: int) -> None:
+            if self.remote:
+                self.remote.upload(info.path)
+                info.path.unlink()
+            journal.add_shard(split, info, inputs)
+            if self.remote:
+                self.remote.upload(journal.path)
+        return done
 
     def _documents(self) -> Iterator[Document]:
         o = self.options
@@ -229,13 +336,13 @@ def _given_tokenizer(tokenizer: str | None) -> Tokenizer | None:
     return None if tokenizer is None else load_tokenizer(Path(tokenizer).expanduser())
 
 
-def _fingerprint(options: PrepareOptions, files: list[tuple[Path, str]],
+def _fingerprint(options: PrepareOptions, files: list[tuple[Location, str]],
                  given: Tokenizer | None) -> str:
-    """A hash of what decides the output: the files (name, size, mtime), options, tokenizer."""
+    """A hash of what decides the output: the files (name, size, mtime; a URL's size and
+    version), options, tokenizer."""
     digest = hashlib.sha256()
     for path, label in files:
-        st = path.stat()
-        digest.update(f"{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{label}\0{file_stamp(path)}\n".encode())
     config = {
         "source": options.source,
         "options": options.to_json(),
@@ -260,30 +367,99 @@ def _clear_outputs(out: Path, keep: Tokenizer | None) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def _verified_shards(journal: Journal) -> dict[str, list[JournalShard]]:
-    """Each split's longest prefix of journaled shards whose file has its size and sha256."""
-    kept: dict[str, list[JournalShard]] = {}
-    for split, shards in journal.shards.items():
-        kept[split] = list(itertools.takewhile(_intact, shards))
-        if len(kept[split]) < len(shards):
-            log.warning("%s: %s and later %s shards will be written again",
-                        journal.path.parent, shards[len(kept[split])].info.name, split)
-    journal.keep(kept)
-    return kept
-
-
-def _intact(shard: JournalShard) -> bool:
-    path = shard.info.path
-    return (path.is_file() and path.stat().st_size == shard.info.nbytes
-            and sha256_file(path) == shard.info.sha256)
-
-
 def _remove_unlisted_shards(out: Path, done: dict[str, list[JournalShard]]) -> None:
     """Remove half-written (``.tmp``) and unverified shard files: they will be rewritten."""
     keep = {s.info.name for shards in done.values() for s in shards}
     for path in _shard_files(out):
         if path.name not in keep:
             path.unlink()
+
+
+class _Remote:
+    """The URL a prepare writes to, through the local staging folder (see the module doc)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            storage.check_no_credentials(url, "--out")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if url.startswith(storage.PIPE) or url.split("://", 1)[0] in ("http", "https"):
+            raise ConfigError(f"--out {storage.redact(url)}: can't be written; give a folder "
+                              "or the URL of a writable store (s3://bucket/prefix, gs://…)")
+        self.url = url.rstrip("/")
+        self.display = storage.redact(self.url)
+        self.staging = staging_dir(self.url)
+        try:  # an unknown protocol, or one whose package is missing, fails before any work
+            self.fs, self.root = storage.filesystem(self.url)
+        except (storage.StorageError, ValueError) as exc:
+            raise ConfigError(f"--out {self.display}: {exc}") from exc
+
+    def location(self, name: str) -> str:
+        return storage.join(self.url, name)
+
+    def start(self, journal: Path) -> None:
+        """Remove the URL's manifest (the corpus there is no longer complete) and put the URL's
+        journal, the truth about what is finished there, in the staging folder (or none)."""
+        _storage(lambda: storage.remove(self.location(MANIFEST)))
+        data = self.read(JOURNAL, MAX_MANIFEST_BYTES)
+        if data is None:
+            journal.unlink(missing_ok=True)
+        else:
+            storage.write_bytes(str(journal), data)
+
+    def read(self, name: str, limit: int | None) -> bytes | None:
+        """The bytes of ``name`` at the URL; None if it is missing or holds more than
+        ``limit`` bytes."""
+        try:
+            return storage.read_bytes(self.location(name), limit=limit or MAX_TOKENIZER_BYTES)
+        except storage.StorageError as exc:
+            if exc.__cause__ is None or isinstance(exc.__cause__, FileNotFoundError):
+                return None  # no cause: more than ``limit`` bytes
+            raise _storage_error(exc) from exc
+
+    def fetch_tokenizer(self, path: Path) -> bool:
+        """The URL's tokenizer file (with a tokenizer.json's config) into ``path``'s folder;
+        False if the URL has no such file."""
+        names = [path.name] + ([HF_CONFIG_FILE] if path.name == HFTokenizer.file_name else [])
+        for name in names:
+            data = self.read(name, MAX_TOKENIZER_BYTES)
+            if data is None and name == path.name:
+                return False
+            if data is not None:
+                storage.write_bytes(str(path.parent / name), data)
+        return True
+
+    def upload(self, path: Path) -> None:
+        _storage(lambda: storage.upload(path, self.location(path.name)))
+
+    def remove_unlisted(self, done: dict[str, list[JournalShard]]) -> None:
+        """Remove shards at the URL that the journal does not keep (an earlier run's, or one
+        uploaded just before an interruption and never journaled)."""
+        keep = {s.info.name for shards in done.values() for s in shards}
+        fs, root = self.fs, self.root
+        fs.invalidate_cache(root)  # another process may have written there since
+        for split in SPLITS:
+            found = _storage(lambda split=split: storage.with_retries(
+                self.url, lambda: fs.glob(f"{root}/{split}-*.tar")))
+            for name in sorted(p.rsplit("/", 1)[-1] for p in found):
+                if name not in keep:
+                    _storage(lambda name=name: storage.remove(self.location(name)))
+
+
+def _storage(action: Callable[[], object]) -> object:
+    """``action()``, a storage failure turned into a one-line error (:func:`_storage_error`)."""
+    try:
+        return action()
+    except storage.StorageError as exc:
+        raise _storage_error(exc) from exc
+
+
+def _storage_error(exc: storage.StorageError) -> MegatrainError:
+    """A missing bucket or a refused write is a ConfigError (exit 2: don't retry); a store that
+    stayed unreachable through the retries is a plain error (exit 1: try again later)."""
+    if isinstance(exc.__cause__, (FileNotFoundError, PermissionError)):
+        return ConfigError(str(exc))
+    return MegatrainError(str(exc))
 
 
 def _tokenizer_entry(tok: Tokenizer) -> dict[str, object]:
@@ -439,17 +615,17 @@ class CorpusWriter:
 
     def __init__(
         self, out: Path, vocab_size: int, limit: ShardLimit,
-        done: dict[str, list[JournalShard]], journal: Journal,
+        done: dict[str, list[JournalShard]], on_done: ShardDone, counts: np.ndarray,
     ) -> None:
+        """``done``: the finished shards of an earlier run; ``counts``: the id counts of its
+        train shards."""
         self.writers = {
-            split: ShardWriter(out, split, limit, [s.info for s in done[split]], journal.add_shard)
+            split: ShardWriter(out, split, limit, [s.info for s in done[split]], on_done)
             for split in SPLITS
         }
         self.documents = {s: sum(j.info.samples for j in done[s]) for s in SPLITS}
         self.tokens = {s: sum(j.info.tokens for j in done[s]) for s in SPLITS}
-        self.counts = np.zeros(vocab_size, dtype=np.int64)
-        for shard in done["train"]:
-            self.counts += shard_token_counts(shard.info.path, vocab_size)
+        self.counts = counts.copy()
         self.empty = 0
 
     def add(self, doc: Encoded) -> None:

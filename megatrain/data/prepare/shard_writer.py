@@ -155,14 +155,19 @@ class ShardWriter:
 def shard_token_counts(path: Path, vocab_size: int) -> np.ndarray:
     """How often each id occurs in a shard (to rebuild statistics on resume); DataError naming
     the shard if it does not read cleanly."""
-    samples, stop = tar_samples(path.read_bytes())
+    return token_counts(path.read_bytes(), path.name, vocab_size)
+
+
+def token_counts(data: bytes, name: str, vocab_size: int) -> np.ndarray:
+    """:func:`shard_token_counts` of a shard's bytes ``data``, named ``name`` in errors."""
+    samples, stop = tar_samples(data)
     if stop:
-        raise DataError(f"{path.name}: unreadable tar ({stop})")
+        raise DataError(f"{name}: unreadable tar ({stop})")
     counts = np.zeros(vocab_size, dtype=np.int64)
     for key, parts in samples:
         try:
             tokens = npy_tokens(parts["tokens.npy"])
         except (KeyError, ValueError) as exc:
-            raise DataError(f"{path.name}:{key}: unreadable tokens.npy ({exc!r})") from exc
+            raise DataError(f"{name}:{key}: unreadable tokens.npy ({exc!r})") from exc
         counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
     return counts

@@ -1,11 +1,13 @@
 """Raw corpora → a lazy stream of documents.
 
 A SOURCE is a file, a glob, a folder (searched recursively) of ``.txt``, ``.jsonl``,
-``.jsonl.gz``, ``.jsonl.zst`` or ``.parquet`` files, or ``stdlib``: the Python standard library's
-own ``.py`` files, present on every machine. Every file is read as a stream (text in bounded
-windows, JSONL line by line, Parquet by record batches), so memory does not grow with the corpus.
-Keys are ``<slug>-<running index>``: unique, deterministic, and free of dots (webdataset splits
-key and extension at the first dot).
+``.jsonl.gz``, ``.jsonl.zst``, ``.parquet`` or ``.tar`` (WebDataset shards) files, a brace
+pattern of those (``corpus-{000000..000127}.tar``, expanded in order) or ``http(s)://`` /
+``s3://`` … URLs of WebDataset shards, or ``stdlib``: the Python standard library's own ``.py``
+files, present on every machine. Every file is read as a stream (text in bounded windows, JSONL
+line by line, Parquet by record batches; a tar shard whole, bounded by ``MAX_TAR_BYTES``), so
+memory does not grow with the corpus. Keys are ``<slug>-<running index>``: unique,
+deterministic, and free of dots (webdataset splits key and extension at the first dot).
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
+from megatrain.data import storage
+from megatrain.data.tar import tar_samples
 from megatrain.errors import DataError
 
 STDLIB = "stdlib"
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".tar")
+TAR = ".tar"
+MAX_TAR_BYTES = 4 << 30
+"""A WebDataset shard is read whole (one at a time): one larger than this is refused, so a wrong
+or hostile object can't exhaust memory."""
+TEXT_MEMBER, JSON_MEMBER = "txt", "json"
 DEFAULT_TEXT_FIELD = "text"
 TXT_CHUNK_CHARS = 4096
 """Plain text (a book, a dump) has no document boundaries: split it into ~4 KB paragraph groups."""
@@ -38,6 +47,10 @@ READ_BLOCK_CHARS = 1 << 20
 PARQUET_BATCH_ROWS = 1024
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _SLUG_MAX = 60
+
+
+Location = Path | str
+"""A local file (a Path) or a URL (a string)."""
 
 
 class Document(NamedTuple):
@@ -58,9 +71,10 @@ def iter_documents(source: str, *, text_field: str = DEFAULT_TEXT_FIELD) -> Iter
 
 
 def file_documents(
-    files: list[tuple[Path, str]], *, stdlib: bool = False, text_field: str = DEFAULT_TEXT_FIELD
+    files: list[tuple[Location, str]], *, stdlib: bool = False,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> Iterator[Document]:
-    """Documents of already resolved ``(path, label)`` files (:func:`resolve_files`)."""
+    """Documents of already resolved ``(path or URL, label)`` files (:func:`resolve_files`)."""
     index = 0
     for path, label in files:
         slug = slugify(label)
@@ -71,15 +85,53 @@ def file_documents(
             index += 1
 
 
-def file_kind(path: Path) -> str | None:
-    """The supported suffix ``path`` ends with (``.jsonl.gz`` is one suffix), or None."""
-    return next((s for s in SUFFIXES if path.name.endswith(s)), None)
+def file_kind(path: Location) -> str | None:
+    """The supported suffix ``path`` (a path or URL) ends with (``.jsonl.gz`` is one suffix), or
+    None."""
+    name = path.name if isinstance(path, Path) else path.rsplit("/", 1)[-1]
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def resolve_files(source: str) -> list[tuple[Path, str]]:
-    """``(path, label)`` for every file ``source`` names, sorted; labels are short, relative names."""
+def resolve_files(source: str) -> list[tuple[Location, str]]:
+    """``(path, label)`` for every file ``source`` names, in reading order: each part of a brace
+    pattern in turn, a folder's or glob's files sorted; labels are short, relative names. A URL
+    stays a string (nothing is fetched here); a local file is a Path."""
     if source == STDLIB:
         return _stdlib_files()
+    files: list[tuple[Location, str]] = []
+    for part in _expand_braces(source):
+        files += _resolve_url(part) if storage.is_url(part) else _resolve_local(part)
+    return files
+
+
+def _expand_braces(source: str) -> list[str]:
+    """``corpus-{000000..000003}.tar`` → its four names, in order (webdataset's own brace
+    syntax, from the ``braceexpand`` package it depends on). A path that exists as written is
+    taken literally."""
+    if "{" not in source or (not storage.is_url(source) and Path(source).expanduser().exists()):
+        return [source]
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    try:
+        return list(braceexpand(source))
+    except UnbalancedBracesError as exc:
+        raise DataError(f"source {storage.redact(source)!r}: {exc}") from exc
+
+
+def _resolve_url(url: str) -> list[tuple[Location, str]]:
+    """A URL names one WebDataset shard (globs need listing, which HTTP can't do: use a brace
+    pattern); its label is its file name."""
+    try:
+        storage.check_no_credentials(url, "--source")
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    if url.startswith(storage.PIPE) or file_kind(url) != TAR:
+        raise DataError(f"source {storage.redact(url)!r}: a URL source must name WebDataset "
+                        f"{TAR} shards (use a brace pattern for several)")
+    return [(url, url.rsplit("/", 1)[-1])]
+
+
+def _resolve_local(source: str) -> list[tuple[Location, str]]:
     path = Path(source).expanduser()
     if path.is_dir():
         files = [p for p in sorted(path.rglob("*")) if p.is_file() and file_kind(p)]
@@ -97,7 +149,28 @@ def resolve_files(source: str) -> list[tuple[Path, str]]:
     return [(p, p.name) for p in files]
 
 
-def _labelled(files: list[Path], root: Path, source: str) -> list[tuple[Path, str]]:
+def file_stamp(location: Location) -> str:
+    """What identifies the version of an input (for the resume fingerprint): a local file's size
+    and mtime; for a URL, the size and the version fields its store reports (ETag, modification
+    time). DataError naming a URL that can't be found."""
+    if isinstance(location, Path):
+        st = location.stat()
+        return f"{st.st_size}\0{st.st_mtime_ns}"
+    fs, path = storage.filesystem(location)
+    try:
+        info = storage.with_retries(location, lambda: fs.info(path))
+    except OSError as exc:
+        raise DataError(str(exc)) from exc
+    version = {k: str(v) for k, v in info.items() if k.lower().replace("-", "").replace("_", "")
+               in _VERSION_FIELDS}
+    return json.dumps(version, sort_keys=True)
+
+
+_VERSION_FIELDS = {"size", "etag", "lastmodified", "mtime", "contentmd5", "digest", "generation",
+                   "md5hash", "versionid"}
+
+
+def _labelled(files: list[Path], root: Path, source: str) -> list[tuple[Location, str]]:
     if not files:
         raise DataError(f"source folder {source!r} holds no {'/'.join(SUFFIXES)} files")
     return [(p, p.relative_to(root).as_posix()) for p in files]
@@ -108,7 +181,7 @@ def _check_suffix(path: Path) -> None:
         raise DataError(f"source file {path} has an unsupported type; use {'/'.join(SUFFIXES)}")
 
 
-def _stdlib_files() -> list[tuple[Path, str]]:
+def _stdlib_files() -> list[tuple[Location, str]]:
     """The standard library's ``.py`` files, without third-party packages or caches."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
@@ -122,13 +195,17 @@ def _stdlib_files() -> list[tuple[Path, str]]:
     return [(path, label) for path, label in files if path.is_file()]
 
 
-def _file_texts(path: Path, *, stdlib: bool, text_field: str) -> Iterator[str]:
+def _file_texts(path: Location, *, stdlib: bool, text_field: str) -> Iterator[str]:
     """The document texts of one file, chunked; blank ones may be among them."""
     kind = ".txt" if stdlib else file_kind(path)
-    if kind == ".txt":
+    if kind == TAR:
+        records = _tar_texts(path, text_field)
+    elif isinstance(path, str):  # pragma: no cover - resolve_files admits only .tar URLs
+        raise DataError(f"{storage.redact(path)}: only {TAR} shards are read from URLs")
+    elif kind == ".txt":
         yield from _text_file_chunks(path, LONG_DOC_CHARS if stdlib else TXT_CHUNK_CHARS)
         return
-    if kind == ".parquet":
+    elif kind == ".parquet":
         records = _parquet_texts(path, text_field)
     else:
         records = _jsonl_texts(path, kind, text_field)
@@ -266,6 +343,38 @@ def _check_text_column(path: Path, schema: object, column: str) -> None:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
         raise DataError(f"{path}: column {column!r} holds {kind}, not strings")
+
+
+# --- WebDataset tar shards -----------------------------------------------------------------
+
+
+def _tar_texts(location: Location, field: str) -> Iterator[str]:
+    """The text of each sample of a WebDataset shard, in tar order: its ``txt`` member, else the
+    ``field`` string of its ``json`` member. The shard is read whole (bounded by
+    ``MAX_TAR_BYTES``) and walked by :func:`megatrain.data.tar.tar_samples`, which stops at a
+    damaged header or a member whose name would leave the folder (``../x``, ``/x``); either is
+    a DataError naming the shard and the place, raised before any of its samples is used."""
+    where = storage.redact(str(location))
+    try:
+        data = storage.read_bytes(str(location), limit=MAX_TAR_BYTES)
+    except OSError as exc:  # StorageError: it names the location, without credentials
+        raise DataError(f"{where}: cannot read the shard ({exc})") from exc
+    samples, stop = tar_samples(data)
+    if stop:
+        raise DataError(f"{where}: not a readable tar: {stop} (after {len(samples)} samples)")
+    for key, parts in samples:
+        yield _sample_text(key, parts, field, where)
+
+
+def _sample_text(key: str, parts: dict[str, memoryview], field: str, where: str) -> str:
+    if TEXT_MEMBER in parts:
+        return bytes(parts[TEXT_MEMBER]).decode("utf-8", "replace")
+    if JSON_MEMBER in parts:
+        line = bytes(parts[JSON_MEMBER]).decode("utf-8", "replace")
+        return _json_text(line, field, f"{where}: sample {key!r}: {JSON_MEMBER} member")
+    members = ", ".join(parts) or "none"
+    raise DataError(f"{where}: sample {key!r} has no {TEXT_MEMBER} or {JSON_MEMBER} member "
+                    f"(members: {members})")
 
 
 # --- chunking -------------------------------------------------------------------------------

@@ -1,18 +1,25 @@
-"""``megatrain-prepare --verify DIR``: check a prepared folder against its manifest.
+"""``megatrain-prepare --verify DIR|URL``: check a prepared corpus against its manifest.
 
 Each shard must exist, have the manifest's size and sha256, and parse as a tar whose samples
 (``<key>.json`` + ``<key>.tokens.npy``, 1-d unsigned ids below the vocabulary size) add up to the
 manifest's sample and token counts. The tokenizer file must match its recorded sha256. The hash
-alone catches any change; the content checks say what is wrong with a shard that fails it.
+alone catches any change; the content checks say what is wrong with a shard that fails it. A
+corpus at a URL is read through ``megatrain.data.storage`` (each shard bounded by its size in the
+manifest).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatrain.data.manifest import Manifest, ShardInfo, sha256_file
+from megatrain.data import storage
+from megatrain.data.manifest import MAX_TOKENIZER_BYTES, Manifest, ShardInfo, sha256_file
 from megatrain.data.tar import npy_tokens, tar_samples
+
+MAX_SHARD_BYTES = 16 << 30
+"""The bound on reading a shard at a URL whose manifest records no size."""
 
 MAX_PROBLEMS = 5
 
@@ -40,8 +47,8 @@ class Check:
 
 
 def verify(root: str | Path) -> list[Check]:
-    """Every shard and the tokenizer of the folder ``root``, checked; DataError if it has no
-    readable manifest."""
+    """Every shard and the tokenizer of the folder or URL ``root``, checked; DataError if it
+    has no readable manifest."""
     manifest = Manifest.load(root)
     checks = [_check_tokenizer(manifest)]
     for split, shards in manifest.splits.items():
@@ -50,26 +57,38 @@ def verify(root: str | Path) -> list[Check]:
 
 
 def _check_tokenizer(manifest: Manifest) -> Check:
-    path = manifest.tokenizer_path
-    check = Check(path.name, "tokenizer")
-    if not path.is_file():
-        check.problems.append("missing")
-    elif "sha256" in manifest.tokenizer and sha256_file(path) != manifest.tokenizer["sha256"]:
+    name = manifest.tokenizer["file"]
+    check = Check(name, "tokenizer")
+    expected = manifest.tokenizer.get("sha256")
+    if not manifest.is_remote:
+        path = manifest.tokenizer_path
+        if not path.is_file():
+            check.problems.append("missing")
+        elif expected and sha256_file(path) != expected:
+            check.problems.append("sha256 differs from the manifest")
+        return check
+    data = _read_remote(storage.join(manifest.root, name), MAX_TOKENIZER_BYTES, check)
+    if data is not None and expected and hashlib.sha256(data).hexdigest() != expected:
         check.problems.append("sha256 differs from the manifest")
     return check
 
 
 def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
     check = Check(shard.name, split)
-    if not shard.path.is_file():
+    if storage.is_url(shard.url):
+        data = _read_remote(shard.url, shard.nbytes or MAX_SHARD_BYTES, check)
+    elif shard.path.is_file():
+        data = shard.path.read_bytes()
+    else:
         check.problems.append("missing")
+        data = None
+    if data is None:
         return check
-    size = shard.path.stat().st_size
-    if shard.nbytes is not None and size != shard.nbytes:
-        check.problems.append(f"size {size:,} bytes, manifest says {shard.nbytes:,}")
-    if sha256_file(shard.path) != shard.sha256:
+    if shard.nbytes is not None and len(data) != shard.nbytes:
+        check.problems.append(f"size {len(data):,} bytes, manifest says {shard.nbytes:,}")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
         check.problems.append("sha256 differs from the manifest")
-    _check_content(shard.path, vocab_size, check)
+    _check_content(data, vocab_size, check)
     if check.samples != shard.samples:
         check.problems.append(f"{check.samples} samples, manifest says {shard.samples}")
     if check.tokens != shard.tokens:
@@ -77,9 +96,24 @@ def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
     return check
 
 
-def _check_content(path: Path, vocab_size: int, check: Check) -> None:
+def _read_remote(url: str, limit: int, check: Check) -> bytes | None:
+    """The object at ``url``, or None with the problem noted: missing, larger than ``limit``
+    bytes (the manifest's size), or unreadable after retries."""
+    try:
+        return storage.read_bytes(url, limit=limit)
+    except storage.StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            check.problems.append("missing")
+        elif exc.__cause__ is None:
+            check.problems.append(f"larger than the manifest's {limit:,} bytes")
+        else:
+            check.problems.append(f"unreadable ({exc})")
+        return None
+
+
+def _check_content(data: bytes, vocab_size: int, check: Check) -> None:
     """Count samples and tokens, noting (a few) malformed samples."""
-    samples, stop = tar_samples(path.read_bytes())
+    samples, stop = tar_samples(data)
     if stop:
         check.problems.append(f"unreadable tar ({stop})")
     for key, parts in samples:
