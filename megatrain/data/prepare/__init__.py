@@ -1,10 +1,12 @@
 """Preparing a corpus (``megatrain-prepare``): sources → cleaning → tokenizer training → tokenized
 tar shards → manifest, resumable through a journal, checked by ``verify``.
 
-    sources.py          raw files, globs, folders, ``stdlib`` → documents
+    sources.py          raw files, globs, folders, WebDataset shards (paths, brace patterns,
+                        URLs), ``stdlib`` → documents
     clean.py            Unicode normalization, minimum length, exact dedup
     train_tokenizer.py  SentencePiece training with megatrain's options
     pipeline.py         the whole run: split, encode in worker processes, write, manifest
+                        (to a folder, or staged and uploaded to a URL)
     shard_writer.py     tokenized samples → tar shards (the WebDataset layout)
     journal.py          which shards of an interrupted prepare are finished
     verify.py           ``--verify``: a prepared folder against its manifest
