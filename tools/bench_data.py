@@ -1,9 +1,12 @@
 """Data pipeline benchmarks; results go to docs/benchmarks.md with the machine and date.
 
-    python tools/bench_data.py prepare [--workers 1 2] [--vocab-size 8192] [--repeats 3]
+    python tools/bench_data.py prepare [--workers 1 2] [--inputs stdlib wds wds-http]
+                                       [--vocab-size 8192] [--repeats 3]
 
 ``prepare``: megatrain-prepare's throughput on the stdlib corpus (the Python standard library's
-source), for each worker count. The tokenizer is trained once first and timed on its own row;
+source), for each worker count and input: the ``.py`` files themselves (``stdlib``), or the same
+documents written beforehand with ``webdataset.ShardWriter`` as ``txt`` samples, read from local
+disk (``wds``) or from a local HTTP server (``wds-http``). The tokenizer is trained once first and timed on its own row;
 the throughput rows then prepare with that tokenizer, i.e. they measure what grows with the
 corpus (read, clean, route, tokenize, write shards). CPU time is measured for the main process
 and for the worker processes separately, so "per core" is measured rather than assumed and the
@@ -46,6 +49,7 @@ from megatrain.data.prepare.train_tokenizer import train_tokenizer
 class Run:
     """One prepare: wall seconds, CPU seconds of the main process and of its workers."""
 
+    source: str
     workers: int
     tokens: int
     wall: float
@@ -55,13 +59,14 @@ class Run:
     def row(self) -> str:
         rate = self.tokens / self.wall
         per_cpu = self.tokens / (self.main_cpu + self.worker_cpu)
-        return (f"| {self.workers} | {self.tokens:,} | {self.wall:.2f} | {rate / 1e6:.2f}M | "
+        return (f"| {self.source} | {self.workers} | {self.tokens:,} | {self.wall:.2f} | "
+                f"{rate / 1e6:.2f}M | "
                 f"{rate / self.workers / 1e6:.2f}M | {self.main_cpu:.2f} | {self.worker_cpu:.2f} "
                 f"| {per_cpu / 1e6:.2f}M |")
 
 
-HEADER = ("| workers | tokens | wall s | tokens/s | tokens/s per worker | main CPU s | "
-          "worker CPU s | tokens per CPU-s |\n|---|---|---|---|---|---|---|---|")
+HEADER = ("| input | workers | tokens | wall s | tokens/s | tokens/s per worker | main CPU s | "
+          "worker CPU s | tokens per CPU-s |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def _cpu() -> tuple[float, float]:
@@ -69,16 +74,49 @@ def _cpu() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def prepare_once(model: Path, out: Path, workers: int) -> Run:
-    """Prepare stdlib with the given tokenizer into a fresh ``out``; measure it."""
+def prepare_once(source: str, label: str, model: Path, out: Path, workers: int) -> Run:
+    """Prepare ``source`` with the given tokenizer into a fresh ``out``; measure it."""
     shutil.rmtree(out, ignore_errors=True)
     main0, kids0 = _cpu()
     start = time.perf_counter()
-    manifest = prepare("stdlib", out, tokenizer=str(model), workers=workers, progress=False)
+    manifest = prepare(source, out, tokenizer=str(model), workers=workers, progress=False)
     wall = time.perf_counter() - start
     main1, kids1 = _cpu()
     tokens = manifest.stats["train_tokens"] + manifest.stats["eval_tokens"]
-    return Run(workers, tokens, wall, main1 - main0, kids1 - kids0)
+    return Run(label, workers, tokens, wall, main1 - main0, kids1 - kids0)
+
+
+def write_wds(folder: Path, shard_bytes: int = 8 << 20) -> str:
+    """The stdlib documents as WebDataset ``txt`` samples (``webdataset.ShardWriter``); the
+    brace pattern of the shards."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.ShardWriter(str(folder / "stdlib-%06d.tar"), maxsize=shard_bytes,
+                         verbose=0) as sink:
+        for i, doc in enumerate(iter_documents("stdlib")):
+            sink.write({"__key__": f"doc{i:07d}", "txt": doc.text})
+        last = sink.shard - 1
+    return str(folder / f"stdlib-{{000000..{last:06d}}}.tar")
+
+
+@contextlib.contextmanager
+def prepare_inputs(work: Path, inputs: list[str]) -> Iterator[dict[str, str]]:
+    """Each benchmarked input's ``--source``; a local HTTP server serves the ``wds-http`` one."""
+    sources = {"stdlib": "stdlib"}
+    if {"wds", "wds-http"} & set(inputs):
+        sources["wds"] = write_wds(work / "wds")
+    if "wds-http" not in inputs:
+        yield sources
+        return
+    from tests.servers import http_server
+
+    server = http_server(work).start()
+    try:
+        yield sources | {"wds-http": f"http://127.0.0.1:{server.port}/wds/"
+                                     + Path(sources["wds"]).name}
+    finally:
+        server.stop()
 
 
 def bench_prepare(args: argparse.Namespace) -> None:
@@ -90,11 +128,14 @@ def bench_prepare(args: argparse.Namespace) -> None:
                                 threads=max(args.workers), max_sentences=args.tokenizer_sample)
         trained = time.perf_counter() - start
         runs = []
-        for workers in args.workers:
-            best = min((prepare_once(model, work / "out", workers) for _ in range(args.repeats)),
-                       key=lambda r: r.wall)
-            runs.append(best)
-            print(f"workers={workers}: {best.tokens / best.wall:,.0f} tokens/s", file=sys.stderr)
+        with prepare_inputs(work, args.inputs) as sources:
+            for label in args.inputs:
+                for workers in args.workers:
+                    best = min((prepare_once(sources[label], label, model, work / "out", workers)
+                                for _ in range(args.repeats)), key=lambda r: r.wall)
+                    runs.append(best)
+                    print(f"{label} workers={workers}: {best.tokens / best.wall:,.0f} tokens/s",
+                          file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _report(args, trained, runs)
@@ -105,7 +146,8 @@ def _report(args: argparse.Namespace, trained: float, runs: list[Run]) -> None:
           f"load average {os.getloadavg()[0]:.2f}; python {platform.python_version()}; "
           f"{time.strftime('%Y-%m-%d')}")
     print(f"command: python tools/bench_data.py prepare --workers "
-          f"{' '.join(map(str, args.workers))} --vocab-size {args.vocab_size} "
+          f"{' '.join(map(str, args.workers))} --inputs {' '.join(args.inputs)} "
+          f"--vocab-size {args.vocab_size} "
           f"--repeats {args.repeats}")
     print(f"tokenizer: BPE {args.vocab_size}, trained on {args.tokenizer_sample:,} sampled lines "
           f"in {trained:.1f}s (once; not in the rows below)\n")
@@ -191,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     prep = sub.add_parser("prepare", help="megatrain-prepare throughput on the stdlib corpus")
     prep.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    prep.add_argument("--inputs", nargs="+", choices=("stdlib", "wds", "wds-http"),
+                      default=["stdlib"])
     prep.add_argument("--vocab-size", type=int, default=8192)
     prep.add_argument("--tokenizer-sample", type=int, default=300_000)
     prep.add_argument("--repeats", type=int, default=3)
