@@ -92,8 +92,10 @@ def _options(protocol: str) -> dict[str, Any]:
     if protocol in ("http", "https"):
         import aiohttp
 
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)}}
+        return {"client_kwargs": {  # trust_env: proxies and ~/.netrc, as curl would use them
+            "trust_env": True,
+            "timeout": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
+                                             sock_read=READ_TIMEOUT_S)}}
     return {}
 
 
