@@ -13,7 +13,8 @@ from megatrain.cli.prepare import main
 from megatrain.data import storage
 from megatrain.data.manifest import Manifest
 from megatrain.data.prepare.journal import JOURNAL
-from megatrain.data.prepare.pipeline import prepare, staging_dir
+from megatrain.data.prepare.pipeline import prepare
+from megatrain.data.prepare.remote_out import staging_dir
 
 # the options of the session's ``prepared`` corpus (tests/conftest.py), which is the reference
 OPTIONS = {"eval_fraction": 0.05, "shard_tokens": 20_000, "progress": False}

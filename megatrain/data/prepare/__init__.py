@@ -6,7 +6,7 @@ tar shards → manifest, resumable through a journal, checked by ``verify``.
     clean.py            Unicode normalization, minimum length, exact dedup
     train_tokenizer.py  SentencePiece training with megatrain's options
     pipeline.py         the whole run: split, encode in worker processes, write, manifest
-                        (to a folder, or staged and uploaded to a URL)
+    remote_out.py       ``--out URL``: staged locally, uploaded shard by shard with the journal
     shard_writer.py     tokenized samples → tar shards (the WebDataset layout)
     journal.py          which shards of an interrupted prepare are finished
     verify.py           ``--verify``: a prepared folder against its manifest

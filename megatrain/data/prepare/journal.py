@@ -13,7 +13,7 @@ The journal stays after a successful prepare, so rerunning a finished prepare on
 
 For ``--out URL`` the journal is kept in the local staging folder and uploaded after every event
 (each shard's upload first), so the copy at the URL only lists shards the URL holds; a rerun
-starts from that copy (``pipeline._Remote``), on the same machine or another.
+starts from that copy (``remote_out.RemoteOut``), on the same machine or another.
 """
 
 from __future__ import annotations

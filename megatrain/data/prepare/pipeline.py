@@ -12,11 +12,8 @@ byte-identical for the same inputs, options and tokenizer, whatever the worker c
 cleaning never look at tokens, so a rerun after an interruption replays them cheaply and only
 tokenizes the documents that belong to unfinished shards (see ``journal.py``).
 
-``out`` may be a URL (``s3://bucket/prefix``, any writable fsspec store): the run then works in a
-local staging folder (``$MEGATRAIN_CACHE/prepare-staging/<hash of the URL>``) and uploads each
-shard once it is complete (deleting the local copy), then the journal; the tokenizer before any
-shard, ``manifest.json`` last. The journal at the URL is the truth: a rerun, on this machine or
-another, downloads it and keeps the listed shards that the URL still holds with their sha256.
+``out`` may be a URL (``s3://bucket/prefix``, any writable fsspec store), written through a local
+staging folder (``remote_out.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ import os
 import shutil
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,8 +39,6 @@ from tqdm import tqdm
 from megatrain.data import storage
 from megatrain.data.manifest import (
     MANIFEST,
-    MAX_MANIFEST_BYTES,
-    MAX_TOKENIZER_BYTES,
     SPLITS,
     Manifest,
     ShardInfo,
@@ -51,6 +46,7 @@ from megatrain.data.manifest import (
 )
 from megatrain.data.prepare.clean import Cleaner, CleanOptions
 from megatrain.data.prepare.journal import JOURNAL, Journal, JournalShard
+from megatrain.data.prepare.remote_out import RemoteOut, storage_call
 from megatrain.data.prepare.shard_writer import (
     TMP_SUFFIX,
     Encoded,
@@ -83,7 +79,7 @@ from megatrain.data.tokenizer import (
     load_tokenizer,
 )
 from megatrain.data.tokenizer.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
-from megatrain.errors import ConfigError, DataError, MegatrainError
+from megatrain.errors import ConfigError, DataError
 
 DEFAULT_SHARD_TOKENS = 1_000_000
 CHUNK_DOCS = 256
@@ -175,21 +171,13 @@ def prepare(
     return _Run(options, out, workers, progress).run()
 
 
-def staging_dir(url: str) -> Path:
-    """Where a prepare to ``url`` works before uploading: ``$MEGATRAIN_CACHE`` (else
-    ``~/.cache/megatrain``) ``/prepare-staging/<hash of the URL>``."""
-    cache = Path(os.environ.get("MEGATRAIN_CACHE") or Path.home() / ".cache" / "megatrain")
-    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    return cache.expanduser() / "prepare-staging" / digest
-
-
 class _Run:
     """One prepare: resume bookkeeping, tokenizer, then the document pipeline."""
 
     def __init__(self, options: PrepareOptions, out: str | Path, workers: int,
                  progress: bool) -> None:
         self.options, self.workers, self.progress = options, workers, progress
-        self.remote = _Remote(str(out)) if storage.is_url(out) else None
+        self.remote = RemoteOut(str(out)) if storage.is_url(out) else None
         self.out = self.remote.staging if self.remote else storage.local_path(out)
         """Where files are written: the output folder, or the staging folder of a URL."""
         self.where = self.remote.display if self.remote else str(self.out)
@@ -239,7 +227,7 @@ class _Run:
         if self.remote is None:
             manifest.save()
             return
-        _storage(lambda: manifest.save())
+        storage_call(lambda: manifest.save())
         shutil.rmtree(self.out, ignore_errors=True)
 
     def _tokenizer(self, journal: Journal, given: Tokenizer | None) -> Tokenizer:
@@ -373,93 +361,6 @@ def _remove_unlisted_shards(out: Path, done: dict[str, list[JournalShard]]) -> N
     for path in _shard_files(out):
         if path.name not in keep:
             path.unlink()
-
-
-class _Remote:
-    """The URL a prepare writes to, through the local staging folder (see the module doc)."""
-
-    def __init__(self, url: str) -> None:
-        try:
-            storage.check_no_credentials(url, "--out")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        if url.startswith(storage.PIPE) or url.split("://", 1)[0] in ("http", "https"):
-            raise ConfigError(f"--out {storage.redact(url)}: can't be written; give a folder "
-                              "or the URL of a writable store (s3://bucket/prefix, gs://…)")
-        self.url = url.rstrip("/")
-        self.display = storage.redact(self.url)
-        self.staging = staging_dir(self.url)
-        try:  # an unknown protocol, or one whose package is missing, fails before any work
-            self.fs, self.root = storage.filesystem(self.url)
-        except (storage.StorageError, ValueError) as exc:
-            raise ConfigError(f"--out {self.display}: {exc}") from exc
-
-    def location(self, name: str) -> str:
-        return storage.join(self.url, name)
-
-    def start(self, journal: Path) -> None:
-        """Remove the URL's manifest (the corpus there is no longer complete) and put the URL's
-        journal, the truth about what is finished there, in the staging folder (or none)."""
-        _storage(lambda: storage.remove(self.location(MANIFEST)))
-        data = self.read(JOURNAL, MAX_MANIFEST_BYTES)
-        if data is None:
-            journal.unlink(missing_ok=True)
-        else:
-            storage.write_bytes(str(journal), data)
-
-    def read(self, name: str, limit: int | None) -> bytes | None:
-        """The bytes of ``name`` at the URL; None if it is missing or holds more than
-        ``limit`` bytes."""
-        try:
-            return storage.read_bytes(self.location(name), limit=limit or MAX_TOKENIZER_BYTES)
-        except storage.StorageError as exc:
-            if exc.__cause__ is None or isinstance(exc.__cause__, FileNotFoundError):
-                return None  # no cause: more than ``limit`` bytes
-            raise _storage_error(exc) from exc
-
-    def fetch_tokenizer(self, path: Path) -> bool:
-        """The URL's tokenizer file (with a tokenizer.json's config) into ``path``'s folder;
-        False if the URL has no such file."""
-        names = [path.name] + ([HF_CONFIG_FILE] if path.name == HFTokenizer.file_name else [])
-        for name in names:
-            data = self.read(name, MAX_TOKENIZER_BYTES)
-            if data is None and name == path.name:
-                return False
-            if data is not None:
-                storage.write_bytes(str(path.parent / name), data)
-        return True
-
-    def upload(self, path: Path) -> None:
-        _storage(lambda: storage.upload(path, self.location(path.name)))
-
-    def remove_unlisted(self, done: dict[str, list[JournalShard]]) -> None:
-        """Remove shards at the URL that the journal does not keep (an earlier run's, or one
-        uploaded just before an interruption and never journaled)."""
-        keep = {s.info.name for shards in done.values() for s in shards}
-        fs, root = self.fs, self.root
-        fs.invalidate_cache(root)  # another process may have written there since
-        for split in SPLITS:
-            found = _storage(lambda split=split: storage.with_retries(
-                self.url, lambda: fs.glob(f"{root}/{split}-*.tar")))
-            for name in sorted(p.rsplit("/", 1)[-1] for p in found):
-                if name not in keep:
-                    _storage(lambda name=name: storage.remove(self.location(name)))
-
-
-def _storage(action: Callable[[], object]) -> object:
-    """``action()``, a storage failure turned into a one-line error (:func:`_storage_error`)."""
-    try:
-        return action()
-    except storage.StorageError as exc:
-        raise _storage_error(exc) from exc
-
-
-def _storage_error(exc: storage.StorageError) -> MegatrainError:
-    """A missing bucket or a refused write is a ConfigError (exit 2: don't retry); a store that
-    stayed unreachable through the retries is a plain error (exit 1: try again later)."""
-    if isinstance(exc.__cause__, (FileNotFoundError, PermissionError)):
-        return ConfigError(str(exc))
-    return MegatrainError(str(exc))
 
 
 def _tokenizer_entry(tok: Tokenizer) -> dict[str, object]:
