@@ -11,9 +11,10 @@ Layout of ``<run.dir>/checkpoints``::
 A checkpoint is written under ``step_<N>.tmp``. Once every rank has finished, rank 0 lists
 every file with its size and sha256 in ``MANIFEST.json``, renames the folder and only then moves
 ``latest`` (atomically), so ``latest`` never names a partial checkpoint. Loading verifies the
-manifest; ``run.resume=auto`` falls back to the newest older checkpoint that verifies, saying
-so. A save that fails (a full disk, an I/O error) removes its partial folder and raises
-:class:`CheckpointError`: the previous checkpoint stays intact and ``latest``.
+manifest and that every ``.pt`` file loads as data only (:mod:`megatrain.training.safe_load`: a
+pickle must not run code); ``run.resume=auto`` falls back to the newest older checkpoint that
+verifies, saying so. A save that fails (a full disk, an I/O error) removes its partial folder
+and raises :class:`CheckpointError`: the previous checkpoint stays intact and ``latest``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from megatrain.data.manifest import sha256_file
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import ConfigError, MegatrainError
+from megatrain.training import safe_load
 
 log = logging.getLogger("megatrain")
 LATEST = "latest"
@@ -154,7 +156,8 @@ def write_manifest(ckpt: Path) -> None:
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
-    """Why ``ckpt`` cannot be trusted (a missing, truncated or altered file), or None."""
+    """Why ``ckpt`` cannot be trusted (a missing, truncated or altered file, or a file that
+    would run code when loaded: :func:`safe_load.check_pickles`), or None."""
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return f"{MANIFEST} is missing (an incomplete or foreign checkpoint)"
@@ -170,7 +173,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
         if sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its sha256"
-    return None
+    return safe_load.check_pickles(ckpt)
 
 
 def _step_of(path: Path) -> int:
@@ -306,9 +309,9 @@ def _loadable_at_every_stage(universal: Path) -> None:
         if present and not name.exists():
             os.link(present[0], name)
     path = universal / "zero" / "optimizer_state.pt"
-    state = torch.load(path, weights_only=False)
+    state = safe_load.load(path)
     if "optimizer_state_dict" not in state:
-        step = torch.load(next((universal / "zero").glob("*/step.pt")), weights_only=False)
+        step = safe_load.load(next((universal / "zero").glob("*/step.pt")))
         state["optimizer_state_dict"] = {"state": {0: {"step": step}},
                                          "param_groups": state["param_groups"]}
     state.setdefault("param_groups", state["optimizer_state_dict"]["param_groups"])
@@ -325,7 +328,7 @@ def load_checkpoint(engine: Any, ckpt: Path, rank: int, layout: str = "same") ->
     if path is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint {ckpt}")
     old_ranks = read_meta(ckpt)["world_size"]
-    return torch.load(ckpt / f"rank{min(rank, old_ranks - 1)}.pt", weights_only=False)
+    return safe_load.load(ckpt / f"rank{min(rank, old_ranks - 1)}.pt")
 
 
 def stream_states(ckpt: Path) -> list[dict[str, Any]]:
@@ -336,7 +339,7 @@ def stream_states(ckpt: Path) -> list[dict[str, Any]]:
     engine that can load a checkpoint of another world size needs nothing else for the data.
     """
     size = read_meta(ckpt)["world_size"]
-    return [torch.load(ckpt / f"rank{r}.pt", weights_only=False)["stream"] for r in range(size)]
+    return [safe_load.load(ckpt / f"rank{r}.pt")["stream"] for r in range(size)]
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -350,6 +353,5 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
+    states = safe_load.load(ckpt / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}

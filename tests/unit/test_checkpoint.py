@@ -27,7 +27,8 @@ def _fake_checkpoints(root: Path, steps: list[int]) -> None:
     for step in steps:
         (root / f"step_{step}").mkdir()
         (root / f"step_{step}" / "meta.json").write_text(json.dumps({"step": step}))
-        (root / f"step_{step}" / "weights.pt").write_bytes(bytes(range(256)) * 4)
+        torch.save({"w": torch.arange(256, dtype=torch.uint8).repeat(4)},
+                   root / f"step_{step}" / "weights.pt")
         write_manifest(root / f"step_{step}")
 
 
