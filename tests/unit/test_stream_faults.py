@@ -52,6 +52,15 @@ def test_parse_isolates_each_fault(tmp_path: Path) -> None:
     assert parse_shard(b"", 3, "e.tar").errors == ["e.tar: empty file"]
 
 
+@pytest.mark.parametrize("name", ["../x", "/abs/x", "a/../../x"])
+def test_a_member_that_would_leave_the_folder_stops_the_shard(tmp_path: Path, name: str) -> None:
+    good = [(f"k{i}", npy(doc_tokens(i, 4))) for i in range(3)]
+    write_tar(tmp_path / "a.tar", [good[0], (name, npy(doc_tokens(7, 4))), *good[1:]])
+    read = parse_shard((tmp_path / "a.tar").read_bytes(), 4, "a.tar")
+    assert [t is None for t in read.tokens] == [False, True, True, True]
+    assert f"member '{name}.json' at byte" in read.errors[0] and "unsafe name" in read.errors[0]
+
+
 def test_a_stream_over_corrupt_shards_skips_counts_and_reads_the_rest_once(
         tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path, LENGTHS, shards=4)
