@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import unittest.mock
 from pathlib import Path
 
@@ -152,22 +151,19 @@ def test_an_fp16_loss_scaler_loads_as_data(tmp_path: Path) -> None:
 # --- real DeepSpeed checkpoints, written in this process on one rank -------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def one_rank():
-    """A one-rank process group in this process, as DeepSpeed wants one."""
+def one_rank(tmp_path_factory: pytest.TempPathFactory):
+    """A one-rank process group in this process, as DeepSpeed wants one. A file store, not a
+    TCP port: the process tests beside this one take free ports at the same time."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group(get_accelerator().communication_backend_name(), store=store,
+                            rank=0, world_size=1)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     with unittest.mock.patch.dict(os.environ, env):
         deepspeed.init_distributed(get_accelerator().communication_backend_name())
         yield
