@@ -161,11 +161,15 @@ def _train_through_outage(run: Path, server: Server, data: str, *overrides: str,
         deadline = time.monotonic() + 120
         while last_step(run) < 4 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        server.stop()
-        if outage is not None:
-            time.sleep(outage)
-            server.start()
-        process.wait(timeout=180)  # never a hang
+        try:
+            server.stop()
+            if outage is not None:
+                time.sleep(outage)
+                server.start()
+            process.wait(timeout=180)  # never a hang
+        finally:
+            process.kill()  # a hung run must not outlive its test
+            process.wait()
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(args, process.returncode, out.read(), err.read())
