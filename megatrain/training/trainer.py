@@ -199,14 +199,16 @@ class Trainer:
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]],
                    measure_grad_norm: bool = False) -> torch.Tensor | None:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss (on device),
-        or None when the update was skipped or rolled back (see ``numerics``)."""
+        """One optimizer step over ``grad_accum_steps`` micro-batches; the step's loss per
+        labelled token (on device), or None when the update was skipped or rolled back (see
+        ``numerics``)."""
         accum = self.cfg.trainer.grad_accum_steps
+        micro_batches = [next(batches) for _ in range(accum)]
+        weights = self._token_weights(micro_batches)
         total = torch.zeros((), device=self.device)
         verdict = None
-        for micro in range(accum):
-            batch = next(batches)
-            loss = self.forward_backward_step(batch)
+        for micro, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
+            loss = self.forward_backward_step(batch, weight)
             total += loss.detach()
             armed = False
             if micro == accum - 1:
@@ -229,6 +231,24 @@ class Trainer:
             self._rollback(verdict.loss)
             return None
         return None if verdict is not None and verdict.skip else total / accum
+
+    def _token_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[Any]:
+        """Each micro-batch's factor on its mean loss, so that a step's gradient is the sum of
+        its token losses over the labelled tokens of the *whole step* — every micro-batch and
+        rank — rather than a mean of per-micro-batch means, which over-weights the tokens of a
+        sparsely labelled micro-batch (padding, masking, SFT). DeepSpeed divides by
+        ``grad_accum_steps`` and averages over ranks: hence ``n · accum · world / N``. Counts are
+        read from the host batches; across ranks they are summed by one small collective whose
+        result stays on the device (no host sync). Full rows give factors of exactly 1."""
+        counts = [int((b["labels"] != IGNORE).sum()) for b in micro_batches]
+        share = len(micro_batches) * self.world.world_size
+        if self.world.world_size == 1:
+            total = max(1, sum(counts))
+            return [n * share / total for n in counts]
+        total = torch.tensor(float(sum(counts)), device=self.device)
+        dist.all_reduce(total)
+        total = total.clamp(min=1.0)
+        return [float(n * share) / total if n else 0.0 for n in counts]
 
     def _own_grad_norm(self, for_logging: bool) -> torch.Tensor | None:
         """The gradient norm where DeepSpeed neither reports nor checks it (fp32 ZeRO-0), when
@@ -284,19 +304,28 @@ class Trainer:
         log.warning("step %d: rolled back to %s after a loss spike (%.4f); the data since is "
                     "skipped", step, found.name, loss)
 
-    def forward_backward_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.faults.poison(self._loss(batch), self.progress.step + 1, self.world.rank)
+    def forward_backward_step(self, batch: dict[str, torch.Tensor],
+                              weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Backward of the micro-batch's mean loss times ``weight`` (:meth:`_token_weights`);
+        a micro-batch with no labelled token contributes zero (and still runs its backward,
+        which ZeRO-3's hooks expect)."""
+        if isinstance(weight, float) and weight == 0.0:
+            loss = self._loss(batch, reduction="sum")  # 0, with its graph
+        else:
+            loss = self._loss(batch) * weight
+        loss = self.faults.poison(loss, self.progress.step + 1, self.world.rank)
         self.engine.backward(loss)
         return loss
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the labelled tokens; every other key is a model input."""
+    def _loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over the labelled tokens (their mean, or sum); every other key is a
+        model input."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                   if k != "labels"}
         labels = batch["labels"].to(self.device, non_blocking=True)
         logits = self.engine(**inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE)
+                               ignore_index=IGNORE, reduction=reduction)
 
     # --- eval, logging, saving ----------------------------------------------------------------
 
