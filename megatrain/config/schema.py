@@ -33,8 +33,9 @@ class ModelConfig:
     norm_position: Optional[str] = None  # bert: post (as in BERT) | pre
     dropout: float = ranged(0.0, ge=0, lt=1)
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | flex | eager
-    # None: random init. A megatrain checkpoint (its weights only) or hf:DIR (a Hugging Face
-    # model directory of the same family); its dims replace size and the explicit dims.
+    # None: random init. A megatrain checkpoint (its weights only), hf:DIR (a Hugging Face model
+    # directory of the same family) or hf:ORG/NAME[@REVISION] (a hub id, through huggingface_hub's
+    # cache: HF_HOME, HF_HUB_OFFLINE); its dims replace size and the explicit dims.
     init_from: Optional[str] = None
 
 

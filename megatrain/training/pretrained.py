@@ -32,11 +32,37 @@ def load_checkpoint_model(checkpoint: str | Path, weights: bool = True
 
 def load_pretrained(source: str, weights: bool = True
                     ) -> tuple[str, Any, dict[str, torch.Tensor] | None]:
-    """(family, config, state dict or None without ``weights``) of ``hf:DIR`` (a Hugging Face
-    directory) or a megatrain checkpoint path."""
+    """(family, config, state dict or None without ``weights``) of ``hf:DIR`` / ``hf:ORG/NAME``
+    (a Hugging Face directory or hub id) or a megatrain checkpoint path."""
     if source.startswith(HF_PREFIX):
-        return load_hf_pretrained(source[len(HF_PREFIX):], weights)
+        return load_hf_pretrained(hf_directory(source[len(HF_PREFIX):]), weights)
     return load_checkpoint_model(source, weights)
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
+"""What megatrain reads of a hub model: config, weights (safetensors only: a pickle from the
+hub is never loaded), tokenizer files."""
+
+
+def hf_directory(name: str) -> Path:
+    """A local Hugging Face folder, or the snapshot of hub id ``ORG/NAME[@REVISION]`` through
+    ``huggingface_hub``'s cache: downloaded when missing, taken from the cache alone with
+    ``HF_HUB_OFFLINE=1``; ``HF_HOME`` / ``HF_HUB_CACHE`` say where the cache is. ConfigError in
+    one line when the id is neither cached nor reachable."""
+    folder = Path(name).expanduser()
+    if folder.is_dir() or name.startswith((".", "/", "~")):
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.init_from=hf:{name}: not a local folder, and not in the Hugging "
+                          f"Face cache or reachable ({first})") from exc
 
 
 def pretrained_config(source: str, model_cfg: ModelConfig, vocab_size: int,
