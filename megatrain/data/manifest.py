@@ -25,6 +25,8 @@ FORMAT = 1
 SPLITS = ("train", "eval")
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_TOKENIZER_BYTES = 512 << 20
+MAX_SHARD_BYTES = 8 << 30
+"""The most a shard whose size the manifest doesn't record (older manifests) is read to."""
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 

@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatrain.data import storage
-from megatrain.data.manifest import MAX_TOKENIZER_BYTES, Manifest, ShardInfo, sha256_file
+from megatrain.data.manifest import MAX_SHARD_BYTES, MAX_TOKENIZER_BYTES, Manifest, ShardInfo
 from megatrain.data.tar import npy_tokens, tar_samples
-
-MAX_SHARD_BYTES = 16 << 30
-"""The bound on reading a shard at a URL whose manifest records no size."""
 
 MAX_PROBLEMS = 5
 
@@ -60,14 +57,7 @@ def _check_tokenizer(manifest: Manifest) -> Check:
     name = manifest.tokenizer["file"]
     check = Check(name, "tokenizer")
     expected = manifest.tokenizer.get("sha256")
-    if not manifest.is_remote:
-        path = manifest.tokenizer_path
-        if not path.is_file():
-            check.problems.append("missing")
-        elif expected and sha256_file(path) != expected:
-            check.problems.append("sha256 differs from the manifest")
-        return check
-    data = _read_remote(storage.join(manifest.root, name), MAX_TOKENIZER_BYTES, check)
+    data = _read(storage.join(manifest.root, name), MAX_TOKENIZER_BYTES, check)
     if data is not None and expected and hashlib.sha256(data).hexdigest() != expected:
         check.problems.append("sha256 differs from the manifest")
     return check
@@ -75,13 +65,9 @@ def _check_tokenizer(manifest: Manifest) -> Check:
 
 def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
     check = Check(shard.name, split)
-    if storage.is_url(shard.url):
-        data = _read_remote(shard.url, shard.nbytes or MAX_SHARD_BYTES, check)
-    elif shard.path.is_file():
-        data = shard.path.read_bytes()
-    else:
-        check.problems.append("missing")
-        data = None
+    # At a URL the manifest's size bounds the read; a local file's size is reported as it is.
+    remote = storage.is_url(shard.url)
+    data = _read(shard.url, shard.nbytes if remote and shard.nbytes else MAX_SHARD_BYTES, check)
     if data is None:
         return check
     if shard.nbytes is not None and len(data) != shard.nbytes:
@@ -96,11 +82,11 @@ def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
     return check
 
 
-def _read_remote(url: str, limit: int, check: Check) -> bytes | None:
-    """The object at ``url``, or None with the problem noted: missing, larger than ``limit``
-    bytes (the manifest's size), or unreadable after retries."""
+def _read(location: str, limit: int, check: Check) -> bytes | None:
+    """The file or object at ``location``, or None with the problem noted: missing, larger than
+    ``limit`` bytes (the manifest's size), or unreadable after retries."""
     try:
-        return storage.read_bytes(url, limit=limit)
+        return storage.read_bytes(location, limit=limit)
     except storage.StorageError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             check.problems.append("missing")

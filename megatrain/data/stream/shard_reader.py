@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from megatrain.data import storage
-from megatrain.data.manifest import ShardInfo
+from megatrain.data.manifest import MAX_SHARD_BYTES, ShardInfo
 from megatrain.data.tar import npy_tokens, tar_samples
 
 log = logging.getLogger("megatrain")
 
-MAX_SHARD_BYTES = 8 << 30
-"""The most a shard whose size the manifest doesn't record may hold (older manifests)."""
 STALE_TMP_S = 3600
 
 
