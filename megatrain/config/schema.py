@@ -40,6 +40,12 @@ class ModelConfig:
 
 
 @dataclass
+class SftConfig:
+    loss_on: str = "completion"  # completion (every assistant turn) | last_turn | all (prompt too)
+    packing: bool = True  # several samples per row, attending within each (else one per padded row)
+
+
+@dataclass
 class DataConfig:
     # A folder written by megatrain-prepare — a path or a URL (s3://, gs://, http(s)://; credentials
     # from the store's standard environment) — or "stdlib": the embedded default corpus, prepared
@@ -47,12 +53,17 @@ class DataConfig:
     train: str = "stdlib"
     eval: Optional[str] = None  # None: the eval shards of the train folder
     seq_len: int = ranged(256, ge=1)
-    objective: Optional[str] = None  # clm | mlm | span; None: the model family's
+    # clm | mlm | span | sft | cls | seq2seq; None: the task corpus's format (megatrain-prepare
+    # --format), else the model family's pretraining objective
+    objective: Optional[str] = None
     doc_masking: bool = False  # attend within packed documents only, positions restart (clm, mlm)
     mask_prob: float = ranged(0.15, gt=0, le=1)  # mlm: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     whole_word_masking: bool = False  # mlm: choose whole words (BERT's wwm), not single tokens
     noise_density: float = ranged(0.15, gt=0, lt=1)  # span: share of tokens hidden in spans
     mean_span: float = ranged(3.0, ge=1)  # span: mean hidden span length
+    nsp: Optional[str] = None  # mlm: sentence-pair prediction: next (BERT's NSP) | order (sentence order); None: off
+    sft: SftConfig = field(default_factory=SftConfig)
+    target_len: Optional[int] = ranged(None, ge=2)  # seq2seq: longest target (EOS included); None: data.seq_len
     num_workers: int = ranged(1, ge=0)
     shuffle: bool = True
     cache_dir: Optional[str] = None  # None: $MEGATRAIN_CACHE or ~/.cache/megatrain
@@ -86,8 +97,22 @@ class ScheduleConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # Which parameters train: all | head | top:N (the top N blocks and the head) | name patterns
+    # (fnmatch, comma-separated, e.g. "blocks.1[01].*,head.*"). Frozen weights stay bit-identical.
+    trainable: str = "all"
+    # Stages instead of one setting: [{steps: 300, trainable: "top:2"}, {trainable: all}]; each
+    # stage but the last lasts its steps.
+    stages: Optional[list[Any]] = None
+    layer_decay: float = ranged(1.0, gt=0, le=1)  # layer-wise LR decay: block i of L gets lr·decay^(L-i)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = ranged(1000, ge=0)
+    # Passes over the training data instead of max_steps: the stream ends after the last one, and
+    # the schedule's length is derived from the manifest's counts. None: train for max_steps.
+    epochs: Optional[int] = ranged(None, ge=1)
     micro_batch_size: int = ranged(8, ge=1)
     grad_accum_steps: int = ranged(1, ge=1)
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
@@ -98,6 +123,14 @@ class TrainerConfig:
     eval_steps: int = ranged(20, ge=1)
     save_every: int = ranged(500, ge=1)
     keep_last: int = ranged(2, ge=1)
+    eval_each_epoch: bool = False  # epochs: also evaluate at the end of every epoch
+    save_each_epoch: bool = False  # epochs: also save at the end of every epoch
+    # Also keep the checkpoint with the best value of this eval metric (eval_loss, eval_accuracy,
+    # ...); loss/ppl are minimised, anything else maximised. None: keep_last only.
+    keep_best: Optional[str] = None
+    # A Hugging Face folder written at the end of the run: the best checkpoint's model when
+    # keep_best is set, else the final one. None: no export.
+    export_to: Optional[str] = None
     activation_checkpointing: bool = False
     compile: bool = False
     peak_tflops: Optional[float] = ranged(None, gt=0)  # per device, for MFU; None: known GPUs only
@@ -163,6 +196,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
