@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -119,6 +120,23 @@ def init_distributed(world: World, collective_timeout_s: float = 600.0) -> torch
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=collective_timeout_s))
     return device
+
+
+_HOST_GROUP: list[Any] = []  # the gloo group of host_all_reduce, created once
+
+
+def host_all_reduce(values: list[int], op: str = "max") -> list[int]:
+    """Agree on small integers across ranks over gloo, on the host: nothing waits on a GPU
+    stream (on a CPU run the world group is gloo already). ``op``: max | min | sum."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    flag = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(flag, op=getattr(dist.ReduceOp, op.upper()), group=_HOST_GROUP[0])
+    return flag.tolist()
 
 
 def shutdown_distributed() -> None:

@@ -39,6 +39,7 @@ from megatrain.data.manifest import sha256_file
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import ConfigError, MegatrainError
 from megatrain.training import safe_load
+from megatrain.training.best import best_tag
 
 log = logging.getLogger("megatrain")
 LATEST = "latest"
@@ -134,7 +135,7 @@ def _publish(root: Path, tmp: Path, tag: str, keep_last: int) -> None:
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST, tag)
-    _prune(root, keep_last, keep=tag)
+    prune(root, keep_last, keep=tag)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -180,15 +181,17 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
 
 
-def _prune(root: Path, keep_last: int, keep: str) -> None:
-    """Delete the oldest complete checkpoints beyond ``keep_last`` (never ``keep``) and leftovers
+def prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep_last`` (never ``keep`` nor the best
+    one that ``best.json`` names) and leftovers
     of interrupted saves."""
     for partial in root.glob("step_*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)
     done = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()),
                   key=_step_of)
+    kept = {keep, best_tag(root)}  # the one just published, and trainer.keep_best's
     for old in done[: max(0, len(done) - max(1, keep_last))]:
-        if old.name != keep:
+        if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
 
 

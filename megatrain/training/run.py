@@ -93,6 +93,6 @@ def _report(trainer: Trainer, result: dict[str, float]) -> None:
         return
     entropy = trainer.train_manifest.stats.get("unigram_entropy")
     baseline = f" (unigram entropy of the corpus: {entropy:.3f})" if entropy else ""
-    log.info("done: step %d, eval loss %.4f, perplexity %.2f%s; run folder %s",
-             trainer.progress.step, result["eval_loss"], result["eval_ppl"], baseline,
+    scores = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.items())
+    log.info("done: step %d, eval %s%s; run folder %s", trainer.progress.step, scores, baseline,
              trainer.run_dir)

@@ -12,9 +12,7 @@ import logging
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
+from megatrain.distributed import host_all_reduce
 from megatrain.errors import EXIT_REQUEUE, MegatrainError
 
 log = logging.getLogger("megatrain")
@@ -33,10 +31,6 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            cpu = dist.get_backend() == "gloo"
-            self._group = None if cpu else dist.new_group(backend="gloo")
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -44,12 +38,10 @@ class StopSignals:
 
     def should_stop(self) -> bool:
         """True on every rank when any rank received a stop signal (a collective call)."""
-        flag = torch.tensor([0 if self.received is None else self.received], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.received is None:
-            self.received = int(flag.item())
-        return bool(flag.item())
+        (flag,) = host_all_reduce([self.received or 0], "max")
+        if flag and self.received is None:
+            self.received = flag
+        return bool(flag)
 
     def describe(self) -> str:
         return signal.Signals(self.received).name if self.received else "no signal"

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatrain.config.schema import Config
 from megatrain.data.stream.objectives import IGNORE, Objective, build_objective
@@ -27,15 +26,25 @@ from megatrain.data.stream.train_stream import build_train_stream, iter_eval_bat
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
+from megatrain.hf_export import export as export_checkpoint
 from megatrain.metrics import MetricSinks, build_sinks
 from megatrain.metrics.throughput import Throughput, memory_gb
 from megatrain.models.flops import peak_tflops_for
 from megatrain.models.generation import generate
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.training import checkpoint as ckpt
+from megatrain.training.best import BestTracker
 from megatrain.training.data_setup import resolve_train_data, shard_io
 from megatrain.training.engine import initialize_engine, resolve_precision
+from megatrain.training.epochs import EpochPlan, FiniteBatches
 from megatrain.training.fault_injection import FaultInjection
+from megatrain.training.losses import (
+    eval_metric_names,
+    eval_metrics,
+    eval_sums,
+    model_inputs,
+    training_loss,
+)
 from megatrain.training.numerics import StepGuard, Verdict
 from megatrain.training.pretrained import pretrained_config
 from megatrain.training.signals import Preempted, StopSignals
@@ -92,11 +101,19 @@ class Trainer:
             sources=self.sources, pack_whole_docs=cfg.data.pack_whole_docs,
             max_skip_fraction=cfg.data.max_skip_fraction, io=shard_io(cfg.data))
         self.progress = Progress()
+        self.data_ended = False  # trainer.epochs: the data ended on every rank
+        self.epoch_plan: EpochPlan | None = None
         self.signals = signals or StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
         self._engine_hides_grad_norm = cfg.deepspeed.zero_stage == 0 and self.precision == "fp32"
         self._grad_norm: torch.Tensor | None = None
+        self._parts: dict[str, torch.Tensor] = {}  # loss parts (MLM + NSP) summed since the log
+        self._micro_batches_since_log = 0
         wandb_id = self._maybe_resume()
+        self._saved_step = self.progress.step if self.resume_from else None
+        self.best = BestTracker.load(self.run_dir / "checkpoints", cfg.trainer.keep_best,
+                                     eval_metric_names(self.objective.name, bool(cfg.data.nsp))
+                                     ) if cfg.trainer.keep_best else None
         self.trace = TraceWriter(self.run_dir, world.rank, world.world_size,
                                  self.progress.step) if cfg.data.trace else None
         self.sinks = self._build_sinks(wandb_id) if world.is_main else None
@@ -168,17 +185,24 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        """Train to ``trainer.max_steps``; eval, save and log on their schedules."""
+        """Train to ``trainer.max_steps`` (or to the end of ``trainer.epochs``); eval, save and
+        log on their schedules; at the end make sure the last step is evaluated and saved, and
+        export when asked."""
         t = self.cfg.trainer
         batches = iter(self.stream)
+        if self.epoch_plan:
+            batches = FiniteBatches(batches)
         loss_sum = torch.zeros((), device=self.device)
         steps_in_window = 0
         last_eval: dict[str, float] = {}
+        evaluated_at = None
         self.throughput.reset()
-        while self.progress.step < t.max_steps:
+        while self.epoch_plan or self.progress.step < t.max_steps:
             step = self.progress.step + 1
             log_now = step % t.log_every == 0 or step == t.max_steps
             loss = self.train_step(batches, measure_grad_norm=log_now)
+            if self.data_ended:
+                break
             if loss is not None:
                 loss_sum += loss
                 steps_in_window += 1
@@ -186,16 +210,56 @@ class Trainer:
                 self._log_train(loss_sum / steps_in_window)
                 loss_sum.zero_()
                 steps_in_window = 0
-            if step % t.eval_every == 0 or step == t.max_steps:
-                last_eval = self.evaluate()
-            saved = step % t.save_every == 0 or step == t.max_steps
+            if self._due(step, t.eval_every, t.eval_each_epoch):
+                last_eval, evaluated_at = self.evaluate(), step
+            saved = self._due(step, t.save_every, t.save_each_epoch)
             if saved:
                 self.save()
-            if step < t.max_steps and self.signals.should_stop():  # at the end: just finish
+            if evaluated_at == step:
+                saved = self._keep_if_best(last_eval, step, saved)
+            last = not self.epoch_plan and step == t.max_steps
+            if not last and self.signals.should_stop():  # at the end: just finish
                 self._stop_on_signal(already_saved=saved)
-        if not last_eval:  # resumed at the end: still report where the model stands
+        if steps_in_window:  # the data ended inside a log window
+            self._log_train(loss_sum / steps_in_window)
+        if evaluated_at != self.progress.step:  # the data ended, or resumed at the end
             last_eval = self.evaluate()
+            self._keep_if_best(last_eval, self.progress.step,
+                               self._saved_step == self.progress.step)
+        if self._saved_step != self.progress.step:
+            self.save()
+        self._export()
         return last_eval
+
+    def _due(self, step: int, every: int, each_epoch: bool) -> bool:
+        """Whether an eval or save falls on ``step``: every N steps, at the last step of a
+        step-count run, at epoch ends when asked."""
+        if step % every == 0 or (not self.epoch_plan and step == self.cfg.trainer.max_steps):
+            return True
+        return each_epoch and self.epoch_plan is not None and self.epoch_plan.epoch_end(step)
+
+    def _keep_if_best(self, row: dict[str, float], step: int, saved: bool) -> bool:
+        """With ``trainer.keep_best``: save ``step`` if its eval improved the metric, and record
+        it as the best. Returns whether ``step`` is saved."""
+        if self.best is None or not self.best.improves(row):
+            return saved
+        if not saved:
+            self.save()
+        self.best.mark(row, step, write=self.world.is_main)
+        if self.world.is_main:  # the previous best may be past keep_last now
+            ckpt.prune(self.best.root, self.cfg.trainer.keep_last, keep=f"step_{self._saved_step}")
+        log.info("step %d: best %s so far (%.4f)", step, self.best.metric, self.best.value)
+        return True
+
+    def _export(self) -> None:
+        """``trainer.export_to``: the best (or final) checkpoint as a Hugging Face folder."""
+        out = self.cfg.trainer.export_to
+        if not out or not self.world.is_main:
+            return
+        source = (self.best.checkpoint if self.best and self.best.checkpoint else
+                  self.run_dir / "checkpoints" / f"step_{self._saved_step}")
+        export_checkpoint(source, out)
+        log.info("exported %s to %s (Hugging Face format)", source, out)
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]],
                    measure_grad_norm: bool = False) -> torch.Tensor | None:
@@ -203,7 +267,10 @@ class Trainer:
         labelled token (on device), or None when the update was skipped or rolled back (see
         ``numerics``)."""
         accum = self.cfg.trainer.grad_accum_steps
-        micro_batches = [next(batches) for _ in range(accum)]
+        micro_batches = self._micro_batches(batches, accum)
+        if micro_batches is None:
+            self.data_ended = True
+            return None
         weights = self._token_weights(micro_batches)
         total = torch.zeros((), device=self.device)
         verdict = None
@@ -218,9 +285,10 @@ class Trainer:
             self.optimizer.skip_next = False
             if micro == accum - 1 and not armed and self._deepspeed_skipped_it():
                 verdict = self._deepspeed_skipped(self.progress.step + 1)
-            tokens = batch["input_ids"].numel() * self.world.world_size  # a shape: no sync
-            self.throughput.add(tokens)
-            self.progress.tokens_seen += tokens
+            if not (isinstance(weight, float) and weight == 0.0):  # not a stand-in (epochs)
+                tokens = batch["input_ids"].numel() * self.world.world_size  # a shape: no sync
+                self.throughput.add(tokens)
+                self.progress.tokens_seen += tokens
         self.progress.step += 1
         if self.guard is not None:
             self.guard.settle(verdict, self.progress.step)
@@ -231,6 +299,12 @@ class Trainer:
             self._rollback(verdict.loss)
             return None
         return None if verdict is not None and verdict.skip else total / accum
+
+    def _micro_batches(self, batches: Any, count: int) -> list[dict[str, torch.Tensor]] | None:
+        """The step's micro-batches; None when ``trainer.epochs`` are over on every rank."""
+        if isinstance(batches, FiniteBatches):
+            return batches.take(count)
+        return [next(batches) for _ in range(count)]
 
     def _token_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[Any]:
         """Each micro-batch's factor on its mean loss, so that a step's gradient is the sum of
@@ -314,18 +388,18 @@ class Trainer:
         else:
             loss = self._loss(batch) * weight
         loss = self.faults.poison(loss, self.progress.step + 1, self.world.rank)
+        self._micro_batches_since_log += 1
         self.engine.backward(loss)
         return loss
 
     def _loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy over the labelled tokens (their mean, or sum); every other key is a
-        model input."""
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
-                  if k != "labels"}
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        logits = self.engine(**inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE, reduction=reduction)
+        """The objective's loss over the labelled positions (their mean, or sum); its parts
+        (MLM + NSP) are summed for the log on the device."""
+        outputs = self.engine(**model_inputs(batch, self.device))
+        loss, parts = training_loss(outputs, batch, reduction)
+        for name, value in parts.items():
+            self._parts[name] = self._parts.get(name, 0.0) + value
+        return loss
 
     # --- eval, logging, saving ----------------------------------------------------------------
 
@@ -333,24 +407,25 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over ``trainer.eval_steps`` held-out batches per rank, over all ranks."""
         self.engine.eval()
-        totals = torch.zeros(2, device=self.device)  # (token-weighted loss sum, tokens)
+        sums: dict[str, torch.Tensor] = {}
         for batch in iter_eval_batches(
                 self.eval_manifest, seq_len=self.cfg.data.seq_len,
                 micro_batch_size=self.cfg.trainer.micro_batch_size, rank=self.world.rank,
                 world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps,
                 objective=self.objective, io=self.stream.config.io):
-            tokens = int((batch["labels"] != IGNORE).sum())  # on the host; rows may be fewer
-            totals[0] += self._loss(batch) * tokens
-            totals[1] += tokens
+            for name, value in eval_sums(self.engine(**model_inputs(batch, self.device)),
+                                         batch).items():
+                sums[name] = sums[name] + value if name in sums else value
         self.engine.train()
+        names = sorted(set(sums) | {"loss", "count"})  # a rank without eval data still joins
+        totals = torch.stack([sums.get(n, torch.zeros((), device=self.device)) for n in names])
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss_sum, tokens = totals.tolist()
-        if tokens == 0:
+        summed = dict(zip(names, totals.tolist(), strict=True))
+        if summed["count"] == 0:
             log.warning("eval: no held-out batches (is the eval split empty?)")
             return {}
-        loss = loss_sum / tokens
-        row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        row = eval_metrics(summed)
         if self.sinks:
             self.sinks.log({"step": self.progress.step, **row})
         return row
@@ -363,7 +438,9 @@ class Trainer:
         loss = mean_loss.item()
         grad_norm = self._grad_norm if self._engine_hides_grad_norm \
             else self.engine.get_global_grad_norm()
-        row = {"step": self.progress.step, "loss": loss,
+        row = {"step": self.progress.step, "loss": loss, **self._pop_parts(),
+               **({"epoch": self.epoch_plan.epoch(self.progress.step)} if self.epoch_plan
+                  else {}),
                "lr": self.engine.get_lr()[0],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens_seen": self.progress.tokens_seen,
@@ -375,6 +452,20 @@ class Trainer:
             log.warning("step %d: non-finite loss %s", self.progress.step, loss)
         if self.sinks:
             self.sinks.log(row)
+
+    def _pop_parts(self) -> dict[str, float]:
+        """The mean of each loss part (MLM + NSP) since the last log, over all ranks."""
+        if not self._parts:
+            self._micro_batches_since_log = 0
+            return {}
+        names = sorted(self._parts)
+        values = torch.stack([torch.as_tensor(self._parts[n], device=self.device) for n in names])
+        values /= self._micro_batches_since_log
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= self.world.world_size
+        self._parts, self._micro_batches_since_log = {}, 0
+        return dict(zip(names, values.tolist(), strict=True))
 
     def _data_metrics(self) -> dict[str, float]:
         """The stream's counters (skipped samples, tokens per mixture source) over all ranks."""
@@ -401,6 +492,7 @@ class Trainer:
                                     self.tokenizer, self.cfg.trainer.keep_last,
                                     publish_delay_s=self.faults.save_delay_s)
         log.info("saved %s in %.1fs", path, time.perf_counter() - start)
+        self._saved_step = self.progress.step
         return path
 
     @torch.no_grad()

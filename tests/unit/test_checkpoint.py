@@ -13,7 +13,7 @@ from megatrain.data.tokenizer import HFTokenizer, load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.training.checkpoint import (
     CheckpointError,
-    _prune,
+    prune,
     find_checkpoint,
     resolve_checkpoint_path,
     save_checkpoint,
@@ -36,9 +36,9 @@ def test_prune_keeps_the_newest_and_drops_partial_saves(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     _fake_checkpoints(root, [10, 20, 30, 100])
     (root / "step_110.tmp").mkdir()
-    _prune(root, keep_last=2, keep="step_100")
+    prune(root, keep_last=2, keep="step_100")
     assert sorted(p.name for p in root.iterdir()) == ["step_100", "step_30"]
-    _prune(root, keep_last=0, keep="step_100")  # keep_last below 1 still keeps the newest
+    prune(root, keep_last=0, keep="step_100")  # keep_last below 1 still keeps the newest
     assert sorted(p.name for p in root.iterdir()) == ["step_100"]
 
 
@@ -152,3 +152,29 @@ def test_a_checkpoint_from_before_tokenizers_kept_their_names_still_loads(tmp_pa
     loaded = load_tokenizer(old)
     assert isinstance(loaded, HFTokenizer) and loaded.path.name == "tokenizer.model"
     assert (loaded.eos_id, loaded.encode("to be")) == (1, [2, 3])
+
+
+def test_prune_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    from megatrain.training.best import BestTracker
+
+    root = tmp_path / "checkpoints"
+    _fake_checkpoints(root, [10, 20, 30])
+    best = BestTracker.load(root, "eval_accuracy", ["eval_loss", "eval_accuracy"])
+    best.mark({"eval_accuracy": 0.9}, 10, write=True)
+    prune(root, keep_last=1, keep="step_30")
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_10", "step_30"]
+    again = BestTracker.load(root, "eval_accuracy", ["eval_loss", "eval_accuracy"])
+    assert (again.step, again.value) == (10, 0.9)
+    assert not again.improves({"eval_accuracy": 0.8}) and again.improves({"eval_accuracy": 0.95})
+    by_loss = BestTracker.load(root, "eval_loss", ["eval_loss", "eval_accuracy"])
+    assert by_loss.step is None  # a record of another metric starts afresh
+    by_loss.mark({"eval_loss": 2.0}, 20, write=False)
+    assert by_loss.improves({"eval_loss": 1.5}) and not by_loss.improves({"eval_loss": 2.5})
+
+
+def test_keep_best_must_name_a_metric_of_the_run(tmp_path: Path) -> None:
+    from megatrain.training.best import BestTracker
+
+    with pytest.raises(ConfigError, match="trainer.keep_best=eval_acc: not an eval metric.*"
+                                          "eval_loss, eval_ppl"):
+        BestTracker.load(tmp_path, "eval_acc", ["eval_loss", "eval_ppl"])
