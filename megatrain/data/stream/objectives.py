@@ -265,7 +265,9 @@ class SpanCorruption:
 
 def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: bool = False,
                     mask_prob: float = 0.15, noise_density: float = 0.15,
-                    mean_span: float = 3.0, whole_word_masking: bool = False) -> Objective:
+                    mean_span: float = 3.0, whole_word_masking: bool = False,
+                    target_len: int | None = None, sft_loss_on: str = "completion",
+                    sft_packing: bool = True, num_labels: int | None = None) -> Objective:
     """The objective ``name`` over ``tokenizer``'s ids; ConfigError when the tokenizer lacks a
     token the objective needs (an older or foreign tokenizer without ``[MASK]`` or sentinels),
     or for whole-word masking outside ``mlm``."""
@@ -301,6 +303,10 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
             raise ConfigError("data.doc_masking is not supported with data.objective=span")
         return SpanCorruption(seq_len, tokenizer.eos_id, tokenizer.pad_id,
                               tuple(tokenizer.sentinel_ids), noise_density, mean_span)
+    if name in TASK_OBJECTIVES:
+        return task_objective(name, seq_len, tokenizer, doc_masking=doc_masking,
+                              target_len=target_len, sft_loss_on=sft_loss_on,
+                              sft_packing=sft_packing, num_labels=num_labels)
     raise ConfigError(f"data.objective={name} is not an objective; valid: {', '.join(OBJECTIVES)}")
 
 
@@ -321,3 +327,23 @@ def padded_batch(objective: Objective, rows: np.ndarray, real: np.ndarray,
         out["labels"][torch.from_numpy(~real)] = IGNORE
         return out
     raise ConfigError(f"data.pack_whole_docs supports clm and mlm, not {objective.name}")
+
+
+# --- task objectives (fine-tuning: megatrain.data.stream.tasks) -----------------------------
+
+TASK_OBJECTIVES = ("sft", "cls", "seq2seq")
+OBJECTIVES = (*OBJECTIVES, *TASK_OBJECTIVES)
+
+
+def task_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: bool,
+                   target_len: int | None, sft_loss_on: str, sft_packing: bool,
+                   num_labels: int | None) -> Objective:
+    """A task objective from the data config's bits: ``data.target_len`` (seq2seq),
+    ``data.sft.loss_on`` / ``data.sft.packing`` (sft) and the manifest's label count (cls)."""
+    from megatrain.data.stream.tasks import build_task_objective  # tasks imports this module
+
+    if doc_masking:
+        raise ConfigError(f"data.doc_masking applies to clm and mlm, not {name} (packed sft rows "
+                          "always attend within each sample)")
+    return build_task_objective(name, seq_len, tokenizer, target_len=target_len,
+                                loss_on=sft_loss_on, packing=sft_packing, num_labels=num_labels)

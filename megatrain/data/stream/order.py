@@ -14,6 +14,10 @@ also holds the tokens it has taken from each, which is all that choice depends o
 
 Every document carries the position from which it is the next one produced, so "document d,
 ``k`` tokens in" is a complete, JSON-able reader state: half-read documents survive a checkpoint.
+
+Task samples (``megatrain-prepare --format``) carry their extra members (``Doc.extra``); a task
+objective names the members it ``needs``, and a sample without them is skipped and counted like
+an unreadable one.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 
 from megatrain.data.stream.elastic import share
 from megatrain.data.stream.mixture import Source, choose
-from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO, ShardRead, read_shard
+from megatrain.data.stream.shard_reader import DEFAULT_IO, Extra, ShardIO, ShardRead, read_shard
 from megatrain.errors import DataError
 
 Position = tuple[list, int, int, int]
@@ -48,6 +52,7 @@ class Doc:
     off: int
     snap: tuple[Position, ...]  # every source's position before this document was produced
     counts: tuple[int, ...]  # tokens taken from each source before it
+    extra: Extra | None = None  # a task sample's extra members (None: pretraining)
 
     def seed_key(self, offset: int) -> tuple[int, int, int, int]:
         """Where ``offset`` tokens into this document lies in the global order."""
@@ -81,6 +86,8 @@ class EpochOrder:
 
 
 SkipEvent = tuple[int, str, str]  # (epoch, shard name, reason)
+MEMBER_FILES = {"mask": "mask.npy", "target": "target.npy", "cls": "cls"}
+"""A task sample's extra members (``Doc.extra`` keys) and the tar members they come from."""
 
 
 @dataclass
@@ -109,13 +116,13 @@ class SkipGuard:
 
 class SourceCursor:
     """One source as seen by one reader: yields its documents in order, skipping bad samples
-    (recorded in ``skips``)."""
+    (recorded in ``skips``) and task samples that lack a member in ``needs``."""
 
     def __init__(self, source: Source, index: int, *, seed: int, shuffle: bool, reader: int,
                  num_readers: int, state: dict[str, Any], skips: list[SkipEvent],
-                 io: ShardIO, guard: SkipGuard) -> None:
+                 io: ShardIO, guard: SkipGuard, needs: tuple[str, ...] = ()) -> None:
         self.source, self.index, self.seed, self.shuffle = source, index, seed, shuffle
-        self.io, self.guard = io, guard
+        self.io, self.guard, self.needs = io, guard, needs
         self._epoch_docs: int | None = None  # documents produced in the epoch begun here
         self.reader, self.num_readers, self.skips = reader, num_readers, skips
         self.counts = [s.samples for s in source.shards]
@@ -129,8 +136,9 @@ class SourceCursor:
     def position(self) -> Position:
         return self.todo, self.item, self.g, self.next
 
-    def next_doc(self) -> tuple[np.ndarray, str, int, int, int, Position] | None:
-        """(tokens from the start offset, key, epoch, g, start offset, position before it)."""
+    def next_doc(self) -> tuple[np.ndarray, str, int, int, int, Position, Extra | None] | None:
+        """(tokens from the start offset, key, epoch, g, start offset, position before it, the
+        sample's extra members)."""
         while True:
             if self.item >= len(self.todo):
                 if not self._next_epoch():
@@ -142,12 +150,12 @@ class SourceCursor:
             if self.g >= b:
                 self.item += 1
                 self.g = self.todo[self.item][1] if self.item < len(self.todo) else 0
-            tokens, key = self._sample(e, g)
+            tokens, key, extra = self._sample(e, g)
             if tokens is not None:
                 if self._epoch_docs is not None:
                     self._epoch_docs += 1
                 start = off if g == a else 0
-                return tokens[start:], key, e, g, start, pos
+                return tokens[start:], key, e, g, start, pos, extra
 
     def _next_epoch(self) -> bool:
         if self._epoch_docs == 0 and self.guard.skipped[self.next - 1]:
@@ -161,7 +169,7 @@ class SourceCursor:
         self.item, self.g, self.next = 0, lo, self.next + 1
         return True
 
-    def _sample(self, epoch: int, g: int) -> tuple[np.ndarray | None, str]:
+    def _sample(self, epoch: int, g: int) -> tuple[np.ndarray | None, str, Extra | None]:
         order = self._orders.get(epoch)
         if order is None:
             self._orders = {epoch: EpochOrder(self.counts, seed=self.seed, source=self.index,
@@ -171,13 +179,18 @@ class SourceCursor:
         if self._shard is None or self._shard[0] != shard:
             info = self.source.shards[shard]
             self._shard = shard, read_shard(info, self.io)
-        read = self._shard[1]
-        tokens = read.tokens[sample]
+        read, name = self._shard[1], self.source.shards[shard].name
+        tokens, extra, reason = read.tokens[sample], read.extras[sample], None
         if tokens is None:
             reason = read.errors[0] if read.errors else "unreadable sample"
-            self.skips.append((epoch, self.source.shards[shard].name, reason))
-            self.guard.note(epoch, self.source.shards[shard].name, reason)
-        return tokens, read.keys[sample]
+        elif self.needs and (extra is None or not extra.keys() >= set(self.needs)):
+            missing = ", ".join(MEMBER_FILES[m] for m in self.needs if m not in (extra or {}))
+            tokens, reason = None, (f"{name}:{read.keys[sample]}: no {missing} member (not a "
+                                    "task sample of megatrain-prepare --format)")
+        if reason is not None:
+            self.skips.append((epoch, name, reason))
+            self.guard.note(epoch, name, reason)
+        return tokens, read.keys[sample], extra
 
 
 def fresh_reader_state(num_sources: int) -> dict[str, Any]:
@@ -191,13 +204,13 @@ class DocProducer:
 
     def __init__(self, sources: Sequence[Source], state: dict[str, Any], *, seed: int,
                  shuffle: bool, reader: int, num_readers: int, io: ShardIO = DEFAULT_IO,
-                 guard: SkipGuard | None = None) -> None:
+                 guard: SkipGuard | None = None, needs: tuple[str, ...] = ()) -> None:
         self.skips: list[SkipEvent] = []
         guard = guard or SkipGuard()
         self.cursors = [
             SourceCursor(src, i, seed=seed, shuffle=shuffle, reader=reader,
                          num_readers=num_readers, state=state["sources"][i], skips=self.skips,
-                         io=io, guard=guard)
+                         io=io, guard=guard, needs=needs)
             for i, src in enumerate(sources)
         ]
         self.weights = [s.weight for s in sources]
@@ -215,13 +228,13 @@ class DocProducer:
             if got is None:
                 self.active[s] = False
                 continue
-            tokens, key, epoch, g, off, pos = got
+            tokens, key, epoch, g, off, pos, extra = got
             snap = tuple(pos if i == s else c.position() for i, c in enumerate(self.cursors))
             counts = tuple(self.counts)
             self.counts[s] += off + len(tokens) + 1  # whole documents: replays choose exactly
             if len(self.names) > 1:
                 key = f"{self.names[s]}/{key}"
-            return Doc(tokens, len(tokens) + 1, key, s, epoch, g, off, snap, counts)
+            return Doc(tokens, len(tokens) + 1, key, s, epoch, g, off, snap, counts, extra)
 
     def state_at(self, doc: Doc | None, offset: int = 0) -> dict[str, Any]:
         """The reader state from which the next token produced is ``doc``'s token ``offset``

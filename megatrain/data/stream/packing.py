@@ -36,6 +36,7 @@ class Window:
     consumed: list[Doc]  # the documents whose EOS this window consumed
     source_tokens: list[int]  # real tokens it consumed from each source
     real: np.ndarray | None = None
+    dropped: int = 0  # samples it dropped (pretraining never drops; see ``tasks.TaskWindow``)
 
 
 def copy_doc(out: np.ndarray, at: int, doc: Doc, offset: int, take: int, eos_id: int) -> None:

@@ -3,10 +3,13 @@
 A shard is read whole into memory (a few MB) and walked header by header, so one bad part
 costs only what it spoils: a corrupt member skips its sample, a truncated tar skips the samples
 after the cut, an empty or unreadable file skips the shard. Token arrays are zero-copy views into
-the shard's bytes. A shard at a URL is fetched through ``megatrain.data.storage`` (bounded by
-its size in the manifest, retried with backoff), checked against the manifest's sha256 and,
-with ``data.shard_cache_gb``, kept in a local cache (:class:`ShardCache`) for the next epoch or
-a restarted job. A missing local shard is reported at start by ``Manifest.check_files``.
+the shard's bytes. A task sample's extra members (``megatrain-prepare --format``: ``mask.npy``,
+``target.npy``, ``cls``) are decoded into a per-sample dict and checked like its tokens (a bad one
+skips the sample); a pretraining sample has none and costs three dictionary lookups. A shard at
+a URL is fetched through ``megatrain.data.storage`` (bounded by its size in the manifest,
+retried with backoff), checked against the manifest's sha256 and, with
+``data.shard_cache_gb``, kept in a local cache (:class:`ShardCache`) for the next epoch or a
+restarted job. A missing local shard is reported at start by ``Manifest.check_files``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import hashlib
 import logging
 import os
 import time
+import tokenize
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +32,23 @@ from megatrain.data.tar import npy_tokens, tar_samples
 log = logging.getLogger("megatrain")
 
 STALE_TMP_S = 3600
+NPY_ERRORS = (ValueError, EOFError, SyntaxError, tokenize.TokenError)
+"""What numpy raises for a cut or garbled ``.npy`` (a garbled header dict: TokenError)."""
+
+
+Extra = dict[str, "np.ndarray | int"]
+"""A task sample's extra members: ``mask`` (uint8, one per token), ``target`` (ids), ``cls`` (int)."""
 
 
 @dataclass
 class ShardRead:
-    """A shard's token arrays by sample index (None: unreadable) and what went wrong."""
+    """A shard's token arrays by sample index (None: unreadable), the task samples' extra
+    members (None: a pretraining sample) and what went wrong."""
 
     tokens: list[np.ndarray | None]
     keys: list[str]
     errors: list[str] = field(default_factory=list)
+    extras: list[Extra | None] = field(default_factory=list)
 
     @property
     def bad(self) -> int:
@@ -147,9 +160,17 @@ def parse_shard(data: bytes, expected: int, name: str) -> ShardRead:
         read.errors.append(f"{name}: {stop}")
     for key, parts in samples[:expected]:
         read.keys.append(key)
-        read.tokens.append(_sample_tokens(parts, f"{name}:{key}", read.errors))
+        tokens = _sample_tokens(parts, f"{name}:{key}", read.errors)
+        extra = None
+        if tokens is not None and ("mask.npy" in parts or "target.npy" in parts or "cls" in parts):
+            extra = _sample_extra(parts, len(tokens), f"{name}:{key}", read.errors)
+            if extra is None:
+                tokens = None
+        read.tokens.append(tokens)
+        read.extras.append(extra)
     read.keys += [f"{name}#{i}" for i in range(len(read.keys), expected)]
     read.tokens += [None] * (expected - len(read.tokens))
+    read.extras += [None] * (expected - len(read.extras))
     return read
 
 
@@ -159,9 +180,35 @@ def _sample_tokens(parts: dict[str, memoryview], where: str, errors: list[str]) 
         return None
     try:
         return npy_tokens(parts["tokens.npy"])
-    except ValueError as exc:
+    except NPY_ERRORS as exc:
         errors.append(f"{where}: {exc}")
         return None
+
+
+def _sample_extra(parts: dict[str, memoryview], length: int, where: str,
+                  errors: list[str]) -> Extra | None:
+    """A task sample's extra members, decoded and checked; None (the reason in ``errors``) when
+    one is corrupt: a mask that is not uint8 or not one per token, target ids that are not a
+    token array, a class that is not a non-negative decimal."""
+    extra: Extra = {}
+    try:
+        if "mask.npy" in parts:
+            mask = np.lib.format.read_array(BytesIO(parts["mask.npy"]), allow_pickle=False)
+            if mask.dtype != np.uint8 or mask.shape != (length,):
+                raise ValueError(f"mask is {mask.dtype}{list(mask.shape)}, expected uint8"
+                                 f"[{length}] (one per token)")
+            extra["mask"] = mask
+        if "target.npy" in parts:
+            extra["target"] = npy_tokens(parts["target.npy"])
+        if "cls" in parts:
+            text = bytes(parts["cls"]).strip()
+            if not text.isdigit():
+                raise ValueError(f"class {text[:20]!r} is not a non-negative integer")
+            extra["cls"] = int(text)
+    except NPY_ERRORS as exc:
+        errors.append(f"{where}: {exc}")
+        return None
+    return extra
 
 
 def read_shard(shard: ShardInfo, io: ShardIO = DEFAULT_IO) -> ShardRead:
@@ -173,7 +220,7 @@ def read_shard(shard: ShardInfo, io: ShardIO = DEFAULT_IO) -> ShardRead:
     except OSError as exc:
         reason = str(exc) if isinstance(exc, storage.StorageError) else f"{shard.url}: {exc}"
         return ShardRead([None] * expected, [f"{name}#{i}" for i in range(expected)],
-                         [f"{name}: {storage.redact(reason)}"])
+                         [f"{name}: {storage.redact(reason)}"], [None] * expected)
     read = parse_shard(data, expected, name)
     for error in read.errors:
         log.warning("data: %s", error)

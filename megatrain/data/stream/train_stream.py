@@ -8,14 +8,22 @@ each epoch (of each source, interleaved by weight in a mixture: ``megatrain.data
 Packing (``megatrain.data.stream.packing``). A reader packs its documents into windows that the
 objective (``megatrain.data.stream.objectives``) turns into tensors; the objective's random draws are
 seeded by where the window starts in the global order, so a resume or another world size draws
-the same masks for the same window.
+the same masks for the same window. Task objectives (``megatrain.data.stream.tasks``: sft, cls,
+seq2seq) pack whole samples instead; a sample left with nothing to train on is dropped and
+counted (``data_dropped``).
+
+Epochs. ``epochs=N`` reads every source for exactly N epochs, then the iterator ends (a reader's
+rows run on from one epoch into the next, so the last micro-batch may have fewer rows, and ranks
+may end at different micro-batches: ``TrainStream.exhausted``); ``estimate_batches`` tells from
+the manifest's counts how many micro-batches each rank yields. Without it the stream is infinite.
 
 State. A reader's state is its remaining work: per source, the pieces of the global order it
 still has to read (the first one possibly a token offset into a half-read document), then whole
 epochs from ``next`` on, plus the tokens it has taken from each source. The stream's state is its
 readers' states and how many batches were consumed (the DataLoader hands batches out
-round-robin from workers 0..W-1; on an exact resume each worker plays the reader whose turn it
-is). ``load_state_dict`` takes this rank's state (same world size and workers: bit-identical
+round-robin from workers 0..W-1; on an exact resume worker 0 plays the reader whose turn it
+is: the one after the reader that served the last batch, readers that have ended being skipped).
+``load_state_dict`` takes this rank's state (same world size and workers: bit-identical
 continuation) or *every* old rank's state (any layout: the remaining work is re-split,
 ``megatrain.data.stream.elastic``, so no sample of the epoch is repeated or dropped).
 
@@ -27,29 +35,32 @@ naming the shards. Keys of the documents each batch consumed travel with it (``p
 from __future__ import annotations
 
 import hashlib
+import math
 import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatrain.data.manifest import Manifest, ShardInfo
-from megatrain.data.stream.elastic import merge_readers
+from megatrain.data.stream.elastic import merge_readers, share
 from megatrain.data.stream.mixture import Source
 from megatrain.data.stream.objectives import CausalLM, Objective, padded_batch
 from megatrain.data.stream.order import DocProducer, SkipEvent, SkipGuard, fresh_reader_state
 from megatrain.data.stream.packing import Packer, RowPacker, Window
 from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO
+from megatrain.data.stream.tasks import SamplePacker, TaskObjective, TaskWindow
 from megatrain.errors import ConfigError, DataError
 
 STATE_VERSION = 2
 LAYOUT = ("rank", "world_size", "num_workers")
-BatchInfo = tuple[list[str], list[int], list[int], list[SkipEvent]]
-"""(consumed document keys, their epochs, tokens taken from each source, skipped samples)."""
+BatchInfo = tuple[list[str], list[int], list[int], list[SkipEvent], int]
+"""(consumed document keys, their epochs, tokens taken from each source, skipped samples,
+dropped samples)."""
 
 
 # --- the training stream --------------------------------------------------------------------
@@ -75,6 +86,7 @@ class StreamConfig:
     pad_id: int = -1
     max_skip_fraction: float = 1.0
     io: ShardIO = DEFAULT_IO
+    epochs: int | None = None  # every source's epochs (already in ``sources``); None: infinite
 
     @property
     def readers_per_rank(self) -> int:
@@ -98,22 +110,41 @@ class StreamConfig:
         return {k: getattr(self, k) for k in LAYOUT}
 
 
+AnyPacker = Packer | RowPacker | SamplePacker
+
+
 def make_packer(cfg: StreamConfig, state: dict[str, Any], reader: int,
-                num_readers: int) -> Packer | RowPacker:
+                num_readers: int) -> AnyPacker:
     """Reader ``reader``'s packer, positioned at ``state``."""
+    obj = cfg.objective
     producer = DocProducer(cfg.sources, state, seed=cfg.seed, shuffle=cfg.shuffle,
                            reader=reader, num_readers=num_readers, io=cfg.io,
-                           guard=SkipGuard(cfg.skip_budget, cfg.max_skip_fraction))
-    obj = cfg.objective
-    common = {"row_tokens": obj.row_tokens, "rows": cfg.micro_batch_size,
-              "overlap": obj.overlap, "eos_id": cfg.eos_id}
-    if cfg.pack_whole_docs:
-        return RowPacker(producer, pad_id=cfg.pad_id if cfg.pad_id >= 0 else cfg.eos_id, **common)
+                           guard=SkipGuard(cfg.skip_budget, cfg.max_skip_fraction),
+                           needs=obj.needs if isinstance(obj, TaskObjective) else ())
+    return packer_for(producer, obj, cfg.micro_batch_size, cfg.eos_id,
+                      pad_id=cfg.pad_id if cfg.pack_whole_docs else None)
+
+
+def packer_for(producer: DocProducer, objective: Objective, rows: int, eos_id: int, *,
+               pad_id: int | None = None) -> AnyPacker:
+    """The packer ``objective`` reads through: whole samples for a task objective, whole
+    documents padded with ``pad_id`` (EOS if the tokenizer has none) when it is given
+    (``data.pack_whole_docs``), else the concatenating packer."""
+    if isinstance(objective, TaskObjective):
+        return SamplePacker(producer, objective, rows=rows)
+    common = {"row_tokens": objective.row_tokens, "rows": rows, "overlap": objective.overlap,
+              "eos_id": eos_id}
+    if pad_id is not None:
+        return RowPacker(producer, pad_id=pad_id if pad_id >= 0 else eos_id, **common)
     return Packer(producer, **common)
 
 
-def window_batch(window: Window, objective: Objective, seed: int) -> dict[str, torch.Tensor]:
-    """The objective's batch of a window, its random draws seeded by where the window starts."""
+def window_batch(window: Window | TaskWindow, objective: Objective,
+                 seed: int) -> dict[str, torch.Tensor]:
+    """The objective's batch of a window, its random draws seeded by where the window starts
+    (task objectives draw nothing)."""
+    if isinstance(window, TaskWindow):
+        return objective.collate(window.rows)
     rng = np.random.default_rng([seed, *window.start])
     if window.real is None:
         return objective.batch(window.tokens, window.rows, rng)
@@ -178,7 +209,7 @@ class PackedDataset(IterableDataset):
                 batch = window_batch(window, cfg.objective, cfg.seed)
                 info_out: BatchInfo = ([d.key for d in window.consumed],
                                        [d.epoch for d in window.consumed],
-                                       window.source_tokens, skips[:])
+                                       window.source_tokens, skips[:], window.dropped)
                 skips.clear()
                 item = (batch, local, packer.state(), info_out)
                 yield Shipped(*item) if info is not None else Opaque(*item)
@@ -194,7 +225,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class TrainStream:
-    """This rank's infinite stream of micro-batches (the objective's dict of LongTensors (B, ...)).
+    """This rank's stream of micro-batches (the objective's dict of LongTensors (B, ...)):
+    infinite, or ending after ``config.epochs`` epochs (then ``exhausted`` turns True).
 
     ``state_dict()`` is the position after the last batch handed out; a fresh stream given it by
     ``load_state_dict()`` continues with exactly the batches an uninterrupted one would yield.
@@ -211,11 +243,14 @@ class TrainStream:
         self._tokens = [0] * len(config.sources)
         self._skipped: Counter[int] = Counter()  # by epoch
         self._bad_shards: dict[str, str] = {}
+        self._dropped = 0  # task samples with nothing to train on
+        self._turn = 0  # the local reader that serves the next batch
+        self.exhausted = False
+        """True once the iterator has ended (``config.epochs`` read; the trainer's cue)."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.config
-        rotation = self._consumed % cfg.readers_per_rank
-        dataset = PackedDataset(cfg, [dict(s) for s in self._states], rotation)
+        dataset = PackedDataset(cfg, [dict(s) for s in self._states], self._turn)
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                             persistent_workers=False, worker_init_fn=_ignore_stop_signals)
         for item in loader:
@@ -226,14 +261,19 @@ class TrainStream:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             self._states[local] = state
             self._consumed += 1
+            self._turn = (local + 1) % cfg.readers_per_rank  # a reader that has ended is skipped
             self._account(info)
             yield batch
+        self.exhausted = True
+        if cfg.epochs is not None:
+            return
         names = ", ".join(f"{s.name} ({s.epochs} epochs)" for s in cfg.sources)
         raise DataError(f"the training data ran out: every source reached its epochs limit "
                         f"({names}); raise the limits or lower trainer.max_steps")
 
     def _account(self, info: BatchInfo) -> None:
-        keys, epochs, tokens, skips = info
+        keys, epochs, tokens, skips, dropped = info
+        self._dropped += dropped
         self._keys += keys
         self._key_epochs += epochs
         for i, n in enumerate(tokens):
@@ -258,8 +298,11 @@ class TrainStream:
         return keys, epochs
 
     def metrics(self) -> dict[str, float]:
-        """This rank's counters: skipped samples, and tokens per source in a mixture."""
+        """This rank's counters: skipped samples, dropped task samples, and tokens per source
+        in a mixture."""
         row = {"data_skipped": float(sum(self._skipped.values()))}
+        if isinstance(self.config.objective, TaskObjective):
+            row["data_dropped"] = float(self._dropped)
         if len(self.config.sources) > 1:
             row |= {f"tokens/{s.name}": float(n)
                     for s, n in zip(self.config.sources, self._tokens, strict=True)}
@@ -273,11 +316,21 @@ class TrainStream:
             **self.config.layout(),
             "sources": [s.name for s in self.config.sources],
             "consumed": self._consumed,
+            "turn": self._turn,
             "readers": [dict(s) for s in self._states],
             "tokens": list(self._tokens),
             "skipped": {str(e): n for e, n in self._skipped.items()},
             "bad_shards": dict(self._bad_shards),
+            "dropped": self._dropped,
         }
+
+    def batch_count(self) -> BatchCount:
+        """Micro-batches each rank yields over ``config.epochs`` epochs (one when infinite), from
+        the manifest's counts (``estimate_batches``)."""
+        cfg = self.config
+        return estimate_batches(cfg.sources, cfg.objective, micro_batch_size=cfg.micro_batch_size,
+                                world_size=cfg.world_size, num_workers=cfg.num_workers,
+                                epochs=cfg.epochs or 1, pack_whole_docs=cfg.pack_whole_docs)
 
     def needs_every_rank(self, own: dict[str, Any]) -> bool:
         """Whether resuming from this rank's saved state ``own`` needs every old rank's state
@@ -313,6 +366,9 @@ class TrainStream:
     def _restore(self, state: dict[str, Any], readers: list[dict], consumed: int) -> None:
         self._states = [dict(r) for r in readers]
         self._consumed = consumed
+        self._turn = int(state.get("turn", consumed % self.config.readers_per_rank))
+        self._dropped = int(state.get("dropped", 0))
+        self.exhausted = False
         self._tokens = [int(n) for n in state.get("tokens", self._tokens)]
         self._skipped = Counter({int(e): int(n) for e, n in state.get("skipped", {}).items()})
         self._bad_shards = dict(state.get("bad_shards", {}))
@@ -337,7 +393,8 @@ class TrainStream:
                              for i in range(len(cfg.sources))],
                   "skipped": dict(sum((Counter({int(e): n for e, n in s["skipped"].items()})
                                        for s in states), Counter())),
-                  "bad_shards": {k: v for s in states for k, v in s["bad_shards"].items()}}
+                  "bad_shards": {k: v for s in states for k, v in s["bad_shards"].items()},
+                  "dropped": sum(int(s.get("dropped", 0)) for s in states)}
         self._restore(totals if cfg.rank == 0 else {}, mine, 0)  # rank 0 carries the counters
 
 
@@ -358,24 +415,29 @@ def build_train_stream(
     pack_whole_docs: bool = False,
     max_skip_fraction: float = 1.0,
     io: ShardIO = DEFAULT_IO,
+    epochs: int | None = None,
 ) -> TrainStream:
     """The training stream of ``rank`` over ``manifest``'s ``split`` shards, or over a mixture
     of ``sources`` (prepared with ``manifest``'s tokenizer); ``objective`` defaults to causal LM
-    over ``seq_len``; ``io`` says how shards at URLs are fetched."""
+    over ``seq_len``; ``io`` says how shards at URLs are fetched; ``epochs``: read every source
+    that many times, then end (None: forever)."""
     _check_stream_args(seq_len, micro_batch_size, seed, rank, world_size, num_workers)
     if not 0 <= max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
     objective = objective or CausalLM(seq_len, manifest.eos_id)
     if pack_whole_docs and objective.name not in ("clm", "mlm"):
         raise ConfigError(f"data.pack_whole_docs supports clm and mlm, not {objective.name}")
+    check_task_format(manifest, objective)
     sources = tuple(sources or (Source(manifest.name, tuple(manifest.shards(split))),))
+    corpus = corpus_fingerprint(sources)  # before the run's epochs: a run may add epochs later
+    sources = with_epochs(sources, epochs)
     config = StreamConfig(
-        sources=sources, corpus=corpus_fingerprint(sources), split=split,
+        sources=sources, corpus=corpus, split=split,
         eos_id=manifest.eos_id, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
         rank=rank, world_size=world_size, num_workers=num_workers, shuffle=shuffle,
         objective=objective, pack_whole_docs=pack_whole_docs,
         pad_id=int(manifest.tokenizer.get("pad_id", -1)), max_skip_fraction=max_skip_fraction,
-        io=io,
+        io=io, epochs=epochs,
     )
     for source in sources:
         if source.samples < config.num_readers:
@@ -383,6 +445,32 @@ def build_train_stream(
                 f"split {split!r} of {source.name} has {source.samples} samples, fewer than its "
                 f"{config.num_readers} readers (world_size × num_workers); use fewer data workers")
     return TrainStream(config, pin_memory=pin_memory)
+
+
+def with_epochs(sources: Sequence[Source], epochs: int | None) -> tuple[Source, ...]:
+    """``sources``, each read ``epochs`` times (None: as they are); ConfigError for a mixture
+    source whose own epochs limit says otherwise."""
+    if epochs is None:
+        return tuple(sources)
+    if epochs < 1:
+        raise ConfigError(f"trainer.epochs must be >= 1, got {epochs}")
+    for source in sources:
+        if source.epochs not in (None, epochs):
+            raise ConfigError(f"data.mixture source {source.name} has epochs: {source.epochs}, "
+                              f"but trainer.epochs={epochs} reads every source {epochs} times; "
+                              "drop the source's epochs")
+    return tuple(replace(s, epochs=epochs) for s in sources)
+
+
+def check_task_format(manifest: Manifest, objective: Objective) -> None:
+    """ConfigError when a task objective meets a corpus prepared for another task (the
+    manifest's ``task.format``, where it records one)."""
+    task = getattr(manifest, "task", None)
+    if not isinstance(objective, TaskObjective) or not isinstance(task, dict):
+        return
+    if task.get("format") != objective.name:
+        raise ConfigError(f"data.objective={objective.name} does not fit {manifest.root}: it "
+                          f"was prepared with --format {task.get('format')}")
 
 
 def _check_stream_args(
@@ -414,6 +502,94 @@ def corpus_fingerprint(sources: Sequence[Source] | Sequence[ShardInfo]) -> str:
     return digest.hexdigest()[:16]
 
 
+# --- how many batches: from the manifest's counts ------------------------------------------
+
+
+class BatchCount(NamedTuple):
+    """Micro-batches each rank yields (index = rank) and whether that is exact."""
+
+    per_rank: list[int]
+    exact: bool  # one sample per row: exact but for dropped and skipped samples
+
+
+def estimate_batches(
+    sources: Manifest | Sequence[Source],
+    objective: Objective,
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    num_workers: int,
+    epochs: int = 1,
+    split: str = "train",
+    pack_whole_docs: bool = False,
+) -> BatchCount:
+    """The micro-batches each rank yields over ``epochs`` epochs, from the manifest's sample and
+    token counts alone (no shard is read).
+
+    Exact where every row holds one sample (cls, seq2seq, sft without packing): a reader's rows
+    are its samples, ``ceil(rows / micro_batch_size)`` batches (the batches run on across epoch
+    boundaries, so N epochs may take fewer than N times one). Estimated from the token counts
+    where rows are packed: whole samples (packed sft, ``pack_whole_docs``) leave on average half
+    a sample of padding per row; the concatenating packer wastes nothing but a reader's last
+    partial row. A reader's share of a source's tokens is taken as its share of the samples.
+    """
+    if isinstance(sources, Manifest):
+        sources = (Source(sources.name, tuple(sources.shards(split))),)
+    readers = max(1, num_workers)
+    per_rank = []
+    for rank in range(world_size):
+        total = 0
+        for local in range(readers):
+            reader = rank * readers + local
+            samples, tokens = 0, 0.0
+            for source in sources:
+                lo, hi = share(source.samples, reader, world_size * readers)
+                samples += hi - lo
+                tokens += sum(s.tokens for s in source.shards) * (hi - lo) / max(1, source.samples)
+            rows = _rows(objective, epochs * samples, epochs * tokens, pack_whole_docs)
+            total += math.ceil(rows / micro_batch_size)
+        per_rank.append(total)
+    one_per_row = isinstance(objective, TaskObjective) and not objective.packing
+    return BatchCount(per_rank, one_per_row)
+
+
+def _rows(objective: Objective, samples: int, tokens: float, whole: bool) -> float:
+    """The rows ``samples`` of ``tokens`` in all fill (see ``estimate_batches``)."""
+    if isinstance(objective, TaskObjective) and not objective.packing:
+        return samples
+    if samples == 0:
+        return 0
+    if isinstance(objective, TaskObjective):
+        # packed sft: a sample takes a position per token (its EOS is only a label), seq_len at most
+        capacity = objective.seq_len
+        used = min(tokens, samples * capacity)
+    elif whole:
+        capacity, used = objective.row_tokens + objective.overlap, tokens + samples
+    else:
+        return max(0, (tokens + samples - objective.overlap) // objective.row_tokens)
+    mean = min(used / samples, capacity)
+    return math.ceil(used / max(1.0, capacity - mean / 2))
+
+
+def estimate_batches_per_epoch(
+    sources: Manifest | Sequence[Source],
+    objective: Objective,
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    num_workers: int,
+    epochs: int = 1,
+    split: str = "train",
+    pack_whole_docs: bool = False,
+) -> float:
+    """The micro-batches per epoch of the rank that yields the most, averaged over ``epochs``
+    epochs (``estimate_batches``): what a schedule over ``epochs`` epochs should plan for."""
+    count = estimate_batches(sources, objective, micro_batch_size=micro_batch_size,
+                             world_size=world_size, num_workers=num_workers, epochs=epochs,
+                             split=split, pack_whole_docs=pack_whole_docs)
+    return max(count.per_rank) / epochs
+
+
 # --- evaluation -----------------------------------------------------------------------------
 
 
@@ -437,10 +613,11 @@ def iter_eval_batches(
     _check_stream_args(seq_len, micro_batch_size, 0, rank, world_size, 0)
     objective = objective or CausalLM(seq_len, manifest.eos_id)
     source = Source(manifest.name, tuple(manifest.shards(split)), epochs=1)
+    task = isinstance(objective, TaskObjective)
     producer = DocProducer((source,), fresh_reader_state(1), seed=0, shuffle=False,
-                           reader=rank, num_readers=world_size, io=io)
-    packer = Packer(producer, row_tokens=objective.row_tokens, rows=micro_batch_size,
-                    overlap=objective.overlap, eos_id=manifest.eos_id)
+                           reader=rank, num_readers=world_size, io=io,
+                           needs=objective.needs if task else ())
+    packer = packer_for(producer, objective, micro_batch_size, manifest.eos_id)
     for count, window in enumerate(packer.windows()):
         if max_batches is not None and count >= max_batches:
             return
