@@ -1,5 +1,8 @@
 """``megatrain-prepare``: raw corpus → tokenizer + tokenized WebDataset shards + manifest.json.
 
+``--format sft|cls|seq2seq`` prepares task data for fine-tuning instead (docs/data.md, "Task
+data").
+
 ``megatrain-prepare --verify DIR|URL`` checks a prepared corpus against its manifest instead.
 """
 
@@ -9,11 +12,15 @@ import argparse
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from megatrain.cli.common import run_command
 from megatrain.data.prepare.train_tokenizer import DEFAULT_MAX_SENTENCES, TOKENIZER_TYPES
 from megatrain.data.storage import redact
 from megatrain.errors import EXIT_OK, DataError
+
+if TYPE_CHECKING:
+    from megatrain.data.manifest import Manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", metavar="DIR|URL",
                         help="check a prepared corpus's shards against its manifest and exit")
     _tokenizer_options(parser)
+    _task_options(parser)
     _shard_options(parser)
     _cleaning_options(parser)
     parser.add_argument("--text-field", default="text",
@@ -48,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _tokenizer_options(parser: argparse.ArgumentParser) -> None:
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--tokenizer", help="use this SentencePiece model, Hugging Face "
-                       "tokenizer.json, or a folder holding one")
+                       "tokenizer.json, or a folder holding one (a prepared corpus, a "
+                       "checkpoint), or a megatrain run or checkpoints folder (its latest "
+                       "checkpoint's tokenizer)")
     vocab.add_argument(
         "--vocab-size", type=int, default=8192, help="train a tokenizer of this size"
     )
@@ -57,6 +67,19 @@ def _tokenizer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-sample", type=int, metavar="LINES",
                         help="train on a uniform sample of at most this many lines "
                         f"(default: {DEFAULT_MAX_SENTENCES:,})")
+
+
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", metavar="sft|cls|seq2seq",
+                        help="task data for fine-tuning, from .jsonl/.parquet rows: sft "
+                        "{prompt, completion} or {messages}, cls {text, label} or {text_a, "
+                        "text_b, label}, seq2seq {input, target} (default: pretraining text)")
+    parser.add_argument("--template", metavar="plain|alpaca|chat",
+                        help="how --format sft renders a row (default: plain); chat: the "
+                        "chat_template of the --tokenizer's tokenizer.json")
+    parser.add_argument("--labels", metavar="A,B,...",
+                        help="--format cls: the label set in id order (default: the labels found, "
+                        "sorted; numerically when all are integers)")
 
 
 def _shard_options(parser: argparse.ArgumentParser) -> None:
@@ -119,11 +142,17 @@ def _prepare(args: argparse.Namespace) -> int:
         min_chars=args.min_chars,
         dedup=args.dedup,
         progress=not args.no_progress,
+        format=args.format,
+        template=args.template,
+        labels=args.labels,
     )
     seconds = time.perf_counter() - start
     stats = manifest.stats
     tokens = stats["train_tokens"] + stats["eval_tokens"]
     shards = {split: len(manifest.splits[split]) for split in ("train", "eval")}
+    if manifest.task is not None:
+        print(_task_summary(args.out, manifest, shards, seconds))
+        return EXIT_OK
     print(
         f"prepared {redact(args.out)}: {stats['documents']} docs, {tokens:,} tokens "
         f"(train {stats['train_tokens']:,}, eval {stats['eval_tokens']:,}), "
@@ -134,6 +163,20 @@ def _prepare(args: argparse.Namespace) -> int:
         f"{stats['dropped_duplicate']} duplicate"
     )
     return EXIT_OK
+
+
+def _task_summary(out: str, manifest: Manifest, shards: dict[str, int], seconds: float) -> str:
+    stats, task = manifest.stats, manifest.task
+    kind = task["format"] + (f" ({task['template']} template)" if task["template"] else "")
+    labels = f", {len(task['labels'])} labels" if "labels" in task else ""
+    return (
+        f"prepared {redact(out)}: {kind}, {stats['documents']} rows (train "
+        f"{stats['train_documents']}, eval {stats['eval_documents']}), "
+        f"{stats['train_tokens'] + stats['eval_tokens']:,} tokens{labels}, shards "
+        f"train={shards['train']} eval={shards['eval']}, vocab {manifest.vocab_size}, in "
+        f"{seconds:.1f}s; read {stats['documents_read']} rows, dropped {task['dropped']} with no "
+        f"target tokens, {stats['dropped_duplicate']} duplicate"
+    )
 
 
 def _verify(folder: str) -> int:

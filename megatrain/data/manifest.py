@@ -27,6 +27,8 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_TOKENIZER_BYTES = 512 << 20
 MAX_SHARD_BYTES = 8 << 30
 """The most a shard whose size the manifest doesn't record (older manifests) is read to."""
+TASK_FORMATS = ("sft", "cls", "seq2seq")
+"""Formats of task data (a manifest's ``task["format"]``); pretraining corpora have no task."""
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
@@ -89,6 +91,10 @@ class Manifest:
     """How the corpus was prepared (cleaning, shard size, text field, tokenizer training)."""
     local_tokenizer_dir: Path | None = None
     """Where the tokenizer of a corpus at a URL was copied (:meth:`fetch_tokenizer`)."""
+    task: dict[str, Any] | None = None
+    """Task data (``megatrain-prepare --format``): ``{"format": "sft"|"cls"|"seq2seq",
+    "template": name or None, "labels": [...] (cls only; index = label id), "dropped": rows
+    dropped at prepare time}``; None for a pretraining corpus."""
 
     def __post_init__(self) -> None:
         self.root = str(self.root)  # a Path from prepare, or a URL
@@ -199,7 +205,7 @@ class Manifest:
         safe_name(tok["file"], "tokenizer")
         return cls(
             root, data["source"], int(data["seed"]), tok, splits, data.get("stats", {}),
-            data.get("options", {}),
+            data.get("options", {}), task=_task_entry(data.get("task")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -213,7 +219,7 @@ class Manifest:
             },
             "stats": self.stats,
             "options": self.options,
-        }
+        } | ({} if self.task is None else {"task": self.task})
 
     def save(self) -> str:
         """Write ``manifest.json`` whole (a local tmp file + rename, or one PUT): readers never
@@ -221,6 +227,20 @@ class Manifest:
         file = storage.join(self.root, MANIFEST)
         storage.write_bytes(file, (json.dumps(self.to_json(), indent=2) + "\n").encode())
         return file
+
+
+def _task_entry(task: Any) -> dict[str, Any] | None:
+    """A manifest's ``task`` entry, checked (ValueError: the manifest is malformed)."""
+    if task is None:
+        return None
+    if not isinstance(task, dict) or task.get("format") not in TASK_FORMATS:
+        raise ValueError(f"task entry {task!r} has no format among {', '.join(TASK_FORMATS)}")
+    labels = task.get("labels")
+    if task["format"] == "cls" and (
+        not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+    ):
+        raise ValueError(f"a cls task entry needs a list of label strings, got {labels!r}")
+    return task
 
 
 def _read(location: str, limit: int) -> bytes:

@@ -14,6 +14,11 @@ tokenizes the documents that belong to unfinished shards (see ``journal.py``).
 
 ``out`` may be a URL (``s3://bucket/prefix``, any writable fsspec store), written through a local
 staging folder (``remote_out.py``).
+
+Task data (``format`` sft, cls or seq2seq: ``tasks.py``) runs through the same pipeline: its rows
+are checked in a first pass (nothing is written before every row fits), then travel as documents
+whose text is the checked row, and a :class:`~megatrain.data.prepare.tasks.TaskEncoder` in the
+workers turns each into a sample with the task's extra members.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import os
 import shutil
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -66,6 +72,14 @@ from megatrain.data.prepare.sources import (
     resolve_files,
     slugify,
 )
+from megatrain.data.prepare.tasks import (
+    TaskEncoder,
+    TaskOptions,
+    check_tokenizer,
+    scan,
+    task_documents,
+    task_options,
+)
 from megatrain.data.prepare.train_tokenizer import (
     DEFAULT_MAX_SENTENCES,
     TOKENIZER_FORMAT,
@@ -76,6 +90,7 @@ from megatrain.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    find_tokenizer_file,
     load_tokenizer,
 )
 from megatrain.data.tokenizer.hf_tokenizer import CONFIG_FILE as HF_CONFIG_FILE
@@ -104,6 +119,8 @@ class PrepareOptions:
     seed: int = 0
     text_field: str = DEFAULT_TEXT_FIELD
     clean: CleanOptions = field(default_factory=CleanOptions)
+    task: TaskOptions | None = None
+    """Task data (sft, cls, seq2seq) instead of pretraining text."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -120,6 +137,19 @@ class PrepareOptions:
             )
         if not self.text_field:
             raise ConfigError("text_field must name a JSONL field / Parquet column")
+        if self.task is not None:
+            self._check_task()
+
+    def _check_task(self) -> None:
+        """Task text is kept as written: no normalization, no length filter (``dedup`` drops
+        exact duplicate rows), and rows are read by their field names."""
+        clean = self.clean
+        if clean.normalize != "none" or clean.min_chars:
+            raise ConfigError(f"--normalize and --min-chars do not apply to --format "
+                              f"{self.task.format}: task text is kept as written")
+        if self.text_field != DEFAULT_TEXT_FIELD:
+            raise ConfigError(f"--text-field does not apply to --format {self.task.format}: "
+                              "rows are read by their field names")
 
     @property
     def limit(self) -> ShardLimit:
@@ -131,6 +161,8 @@ class PrepareOptions:
         """The options recorded in the manifest (a given tokenizer by content, not path)."""
         data = asdict(self)
         del data["source"], data["tokenizer"]
+        if self.task is None:  # pretraining options read exactly as before
+            del data["task"]
         if self.tokenizer is not None:  # training options do not apply to a given tokenizer
             for name in ("vocab_size", "tokenizer_type", "tokenizer_sample"):
                 del data[name]
@@ -155,16 +187,23 @@ def prepare(
     min_chars: int = 0,
     dedup: bool = False,
     progress: bool = True,
+    format: str | None = None,
+    template: str | None = None,
+    labels: Sequence[str] | str | None = None,
 ) -> Manifest:
     """Tokenize ``source`` into ``out`` (a folder, or a URL written through a local staging
     folder); returns the manifest, which is written last.
 
+    ``format`` (sft, cls, seq2seq) prepares task data for fine-tuning instead of pretraining
+    text: ``template`` renders sft rows, ``labels`` fixes a cls label list (a sequence, or a
+    comma-separated string), see ``tasks.py``.
     Rerunning into the same ``out`` with the same inputs and options continues an interrupted
     run: finished shards that still verify are kept, the rest is written.
     """
     options = PrepareOptions(
         source, tokenizer, vocab_size, tokenizer_type, tokenizer_sample, eval_fraction,
         shard_tokens, shard_bytes, seed, text_field, CleanOptions(normalize, min_chars, dedup),
+        task_options(format, template, labels),
     )
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
@@ -182,11 +221,14 @@ class _Run:
         """Where files are written: the output folder, or the staging folder of a URL."""
         self.where = self.remote.display if self.remote else str(self.out)
         self.files: list[tuple[Location, str]] = []  # resolved by run()
+        self.encoder: TaskEncoder | None = None  # task data: set by run()
 
     def run(self) -> Manifest:
         self.files = files = resolve_files(self.options.source)  # fail early on a bad source
         given = _given_tokenizer(self.options.tokenizer)
-        fingerprint = _fingerprint(self.options, files, given)
+        self.encoder = self._task_encoder(given)
+        fingerprint = _fingerprint(self.options, files, given,
+                                   self.encoder.fingerprint() if self.encoder else None)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MANIFEST).unlink(missing_ok=True)  # a crash must not leave a stale index
         if self.remote:
@@ -197,6 +239,8 @@ class _Run:
         if not journal.resumed:
             _clear_outputs(self.out, keep=given)
         tok = self._tokenizer(journal, given)
+        if self.encoder:
+            check_tokenizer(tok, self.options.task)
         done, counts = self._verified_shards(journal, tok.vocab_size)
         _remove_unlisted_shards(self.out, done)
         if self.remote:
@@ -212,15 +256,27 @@ class _Run:
                                                     for s, v in done.items()})
         splits = writer.close()
         stats = writer.stats() | cleaner.stats()
-        _log_stats(stats)
         root = self.remote.url if self.remote else self.out
         if self.remote:
             splits = {split: [dataclasses.replace(s, url=storage.join(root, s.name))
                               for s in shards] for split, shards in splits.items()}
+        task = self.encoder.manifest_entry(writer.empty) if self.encoder else None
+        _log_stats(stats, task)
         manifest = Manifest(root, self.options.source, self.options.seed, _tokenizer_entry(tok),
-                            splits, stats, self.options.to_json())
+                            splits, stats, self.options.to_json(), task=task)
         self._save(manifest)
         return manifest
+
+    def _task_encoder(self, given: Tokenizer | None) -> TaskEncoder | None:
+        """For task data: every row checked (and a cls label list collected) before anything is
+        written, and the given tokenizer checked for what the format needs."""
+        task = self.options.task
+        if task is None:
+            return None
+        labels = scan(self.files, task)
+        if given is not None:
+            check_tokenizer(given, task)
+        return TaskEncoder.create(task, labels, given)
 
     def _save(self, manifest: Manifest) -> None:
         """Write the manifest, last; a URL's staging folder is then no longer needed."""
@@ -295,11 +351,16 @@ class _Run:
 
     def _documents(self) -> Iterator[Document]:
         o = self.options
+        if o.task is not None:
+            return task_documents(self.files, o.task)
         return file_documents(self.files, stdlib=o.source == STDLIB, text_field=o.text_field)
 
     def _train_tokenizer(self) -> Path:
         o = self.options
-        texts = (d.text for d in Cleaner(o.clean)(self._documents()))
+        docs = Cleaner(o.clean)(self._documents())
+        encoder = self.encoder
+        texts = ((t for d in docs for t in encoder.texts(d)) if encoder
+                 else (d.text for d in docs))
         return train_tokenizer(texts, self.out / SentencePieceTokenizer.file_name, o.vocab_size, model_type=o.tokenizer_type,
                                threads=self.workers, max_sentences=o.tokenizer_sample, seed=o.seed)
 
@@ -313,21 +374,44 @@ class _Run:
         bar = tqdm(desc="tokenizing", unit="doc", file=sys.stderr,
                    disable=not (self.progress and sys.stderr.isatty()))
         with bar:
-            for encoded in encode_documents(pending, model, self.workers):
+            for encoded in encode_documents(pending, model, self.workers, self.encoder):
                 writer.add(encoded)
                 bar.update()
 
 
 def _given_tokenizer(tokenizer: str | None) -> Tokenizer | None:
-    """A ``--tokenizer`` (a model, a tokenizer.json, or a folder with either), loaded: DataError
-    now if it is not a tokenizer."""
-    return None if tokenizer is None else load_tokenizer(Path(tokenizer).expanduser())
+    """A ``--tokenizer`` (a model, a tokenizer.json, a folder with either — a prepared corpus, a
+    checkpoint —, or a run or checkpoints folder: its latest checkpoint's), loaded: DataError now
+    if it is not a tokenizer."""
+    if tokenizer is None:
+        return None
+    path = Path(tokenizer).expanduser()
+    try:
+        return load_tokenizer(path)
+    except DataError:
+        if not path.is_dir():
+            raise
+        return load_tokenizer(_checkpoint_folder(path))
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """The checkpoint a run or checkpoints folder names (fine-tuning reuses the pretraining
+    tokenizer); DataError if ``path`` holds no tokenizer and names no checkpoint."""
+    from megatrain.training.checkpoint import resolve_checkpoint_path  # torch: only if needed
+
+    try:
+        checkpoint = resolve_checkpoint_path(path)
+        find_tokenizer_file(checkpoint)
+    except (ConfigError, DataError) as exc:
+        raise DataError(f"--tokenizer {path} holds no tokenizer.model or tokenizer.json and is no "
+                        f"megatrain checkpoint, checkpoints or run folder with one ({exc})") from exc
+    return checkpoint
 
 
 def _fingerprint(options: PrepareOptions, files: list[tuple[Location, str]],
-                 given: Tokenizer | None) -> str:
+                 given: Tokenizer | None, task: dict[str, Any] | None = None) -> str:
     """A hash of what decides the output: the files (name, size, mtime; a URL's size and
-    version), options, tokenizer."""
+    version), options, tokenizer, and for task data the label list and a chat template."""
     digest = hashlib.sha256()
     for path, label in files:
         digest.update(f"{label}\0{file_stamp(path)}\n".encode())
@@ -337,6 +421,8 @@ def _fingerprint(options: PrepareOptions, files: list[tuple[Location, str]],
         "tokenizer": sha256_file(given.path) if given else None,
         "files": digest.hexdigest(),
     }
+    if task is not None:
+        config["task"] = task
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
@@ -376,7 +462,16 @@ def _tokenizer_entry(tok: Tokenizer) -> dict[str, object]:
     }
 
 
-def _log_stats(stats: dict[str, object]) -> None:
+def _log_stats(stats: dict[str, object], task: dict[str, Any] | None = None) -> None:
+    if task is not None:
+        log.info(
+            "read %d %s rows; dropped %d duplicate, %d with no target tokens; wrote %d (%d train "
+            "/ %d eval), %d tokens", stats["documents_read"], task["format"],
+            stats["dropped_duplicate"], task["dropped"], stats["documents"],
+            stats["train_documents"], stats["eval_documents"],
+            stats["train_tokens"] + stats["eval_tokens"],
+        )
+        return
     log.info(
         "read %d documents; dropped %d short, %d duplicate, %d empty; wrote %d (%d train / %d "
         "eval), %d tokens", stats["documents_read"], stats["dropped_short"],
@@ -447,20 +542,24 @@ def split_score(seed: int, key: str) -> float:
 # --- tokenization in worker processes -------------------------------------------------------
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_encoder: TaskEncoder | None = None
 
 
-def _init_worker(model: str, pool: bool = False) -> None:
-    global _worker_tokenizer
+def _init_worker(model: str, pool: bool = False, encoder: TaskEncoder | None = None) -> None:
+    global _worker_tokenizer, _worker_encoder
     if pool:  # one thread per worker process, also for Hugging Face tokenizers (rayon)
         os.environ["RAYON_NUM_THREADS"] = "1"
     _worker_tokenizer = load_tokenizer(model)
+    _worker_encoder = encoder
 
 
 def _encode_chunk(chunk: list[tuple[str, Document]]) -> list[Encoded]:
     """Tokenize a chunk in a worker (or in-process for one worker), on one thread: the workers
-    are the parallelism."""
+    are the parallelism. Task rows go through the task encoder."""
     tok = _worker_tokenizer
     assert tok is not None, "worker not initialized"
+    if _worker_encoder is not None:
+        return _worker_encoder.encode(tok, chunk)
     dtype = token_dtype(tok.vocab_size)
     ids = tok.encode_arrays([doc.text for _, doc in chunk], threads=1)
     return [
@@ -471,12 +570,14 @@ def _encode_chunk(chunk: list[tuple[str, Document]]) -> list[Encoded]:
 
 
 def encode_documents(
-    docs: Iterable[tuple[str, Document]], model: Path, workers: int
+    docs: Iterable[tuple[str, Document]], model: Path, workers: int,
+    encoder: TaskEncoder | None = None,
 ) -> Iterator[Encoded]:
-    """Tokenized documents in input order; ``workers`` processes, at most a few chunks queued."""
+    """Tokenized documents in input order (task samples when ``encoder`` is given); ``workers``
+    processes, at most a few chunks queued."""
     chunks = _chunks(docs)
     if workers == 1:
-        _init_worker(str(model))
+        _init_worker(str(model), encoder=encoder)
         for chunk in chunks:
             yield from _encode_chunk(chunk)
         return
@@ -484,7 +585,8 @@ def encode_documents(
     # whose threads (torch, DeepSpeed, logging) may hold locks a forked child would inherit
     # locked and wait on forever.
     context = mp.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(model), True)) as pool:
+    with context.Pool(workers, initializer=_init_worker,
+                      initargs=(str(model), True, encoder)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -527,7 +629,9 @@ class CorpusWriter:
         self.documents = {s: sum(j.info.samples for j in done[s]) for s in SPLITS}
         self.tokens = {s: sum(j.info.tokens for j in done[s]) for s in SPLITS}
         self.counts = counts.copy()
-        self.empty = 0
+        self.empty = sum(j.inputs - j.info.samples for s in SPLITS for j in done[s])
+        """Routed documents that had no tokens (task rows: nothing to learn from), the finished
+        shards' included."""
 
     def add(self, doc: Encoded) -> None:
         if len(doc.tokens) == 0:  # text the tokenizer normalizes away entirely

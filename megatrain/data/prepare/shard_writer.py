@@ -1,6 +1,7 @@
 """Writing and reading tokenized tar shards (the WebDataset layout of DESIGN.md).
 
-A shard is a POSIX (ustar) tar; each sample is ``<key>.json`` then ``<key>.tokens.npy``. Every
+A shard is a POSIX (ustar) tar; each sample is ``<key>.json`` then ``<key>.tokens.npy``, then the
+extra members of task data (``<key>.mask.npy``, ``<key>.cls`` or ``<key>.target.npy``). Every
 member header is fixed (mtime 0, uid/gid 0, no user or group names, mode 0444), so the bytes of a
 shard depend on its samples only: same inputs, seed and tokenizer give byte-identical shards. A
 shard is written to ``<name>.tmp``, hashed while it is written, fsync'ed, then renamed into place:
@@ -29,13 +30,15 @@ TMP_SUFFIX = ".tmp"
 
 
 class Encoded(NamedTuple):
-    """A tokenized document bound for ``split``."""
+    """A tokenized document bound for ``split``; ``members``: the (extension, bytes) written after
+    its tokens (a task sample's ``mask.npy``, ``cls`` or ``target.npy``)."""
 
     split: str
     key: str
     source: str
     nbytes: int
     tokens: np.ndarray
+    members: tuple[tuple[str, bytes], ...] = ()
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -131,6 +134,8 @@ class ShardWriter:
         meta = json.dumps({"source": doc.source, "bytes": doc.nbytes}, sort_keys=True)
         self._tar.add(f"{doc.key}.json", meta.encode())
         self._tar.add(f"{doc.key}.tokens.npy", npy_bytes(doc.tokens))
+        for extension, data in doc.members:
+            self._tar.add(f"{doc.key}.{extension}", data)
         self._samples += 1
         self._inputs += 1
         self._tokens += len(doc.tokens)

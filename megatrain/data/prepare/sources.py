@@ -8,6 +8,10 @@ files, present on every machine. Every file is read as a stream (text in bounded
 line by line, Parquet by record batches; a tar shard whole, bounded by ``MAX_TAR_BYTES``), so
 memory does not grow with the corpus. Keys are ``<slug>-<running index>``: unique,
 deterministic, and free of dots (webdataset splits key and extension at the first dot).
+
+Task data (``megatrain-prepare --format``) is read as *records* instead: each JSONL line or
+Parquet row as a dict (:func:`file_records`), named ``file:line`` (1-based) or ``file: row N
+(0-based)`` in errors, and keyed like documents (:func:`record_documents`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from megatrain.data import storage
 from megatrain.data.tar import tar_samples
@@ -31,6 +35,8 @@ from megatrain.errors import DataError
 
 STDLIB = "stdlib"
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".tar")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+"""The files task data (records with named fields) is read from."""
 TAR = ".tar"
 MAX_TAR_BYTES = 4 << 30
 """A WebDataset shard is read whole (one at a time): one larger than this is refused, so a wrong
@@ -54,11 +60,20 @@ Location = Path | str
 
 
 class Document(NamedTuple):
-    """One sample-to-be: ``key`` (webdataset key), ``text``, ``source`` (where it came from)."""
+    """One sample-to-be: ``key`` (webdataset key), ``text``, ``source`` (where it came from);
+    for a task record, ``where`` names its line or row for error messages."""
 
     key: str
     text: str
     source: str
+    where: str = ""
+
+
+class Record(NamedTuple):
+    """One JSONL line or Parquet row of task data, as read: ``where`` names it in errors."""
+
+    where: str
+    data: Any
 
 
 def iter_documents(source: str, *, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[Document]:
@@ -83,6 +98,45 @@ def file_documents(
                 continue
             yield Document(f"{slug}-{index:07d}", text, label)
             index += 1
+
+
+def record_documents(
+    files: list[tuple[Location, str]], check: Callable[[Record], str | None]
+) -> Iterator[Document]:
+    """Documents of the records of already resolved files, keyed as :func:`file_documents` keys
+    documents: ``check`` turns a record into the document's text (DataError for a bad one),
+    or None to skip it."""
+    index = 0
+    for path, label in files:
+        slug = slugify(label)
+        for record in file_records(path):
+            text = check(record)
+            if text is None:
+                continue
+            yield Document(f"{slug}-{index:07d}", text, label, record.where)
+            index += 1
+
+
+def file_records(path: Location) -> Iterator[Record]:
+    """The records of a ``.jsonl`` (plain, gzip, zstandard) or ``.parquet`` file: each non-blank
+    line's JSON value, or each row as a dict of its columns; DataError naming the file for any
+    other kind, and naming the line for one that is not JSON."""
+    kind = file_kind(path)
+    if isinstance(path, str) or kind not in RECORD_SUFFIXES:
+        name = storage.redact(path) if isinstance(path, str) else path
+        raise DataError(f"{name}: task data is read from {'/'.join(RECORD_SUFFIXES)} files "
+                        "(one record per line or row)")
+    if kind == ".parquet":
+        yield from _parquet_records(path)
+        return
+    lineno = 0
+    try:
+        with _open_text(path, kind) as lines:
+            for lineno, line in enumerate(lines, 1):
+                if line.strip():
+                    yield Record(f"{path}:{lineno}", _json_record(line, f"{path}:{lineno}"))
+    except _read_errors() as exc:
+        raise DataError(f"{path}: unreadable after line {lineno} ({exc})") from exc
 
 
 def file_kind(path: Location) -> str | None:
@@ -301,9 +355,36 @@ def _json_text(line: str, field: str, where: str) -> str:
         ) from exc
     if not isinstance(text, str):
         raise DataError(f"{where}: {field!r} must be a string, got {type(text).__name__}")
-    if "\\ud" in line or "\\uD" in line:  # JSON may escape lone surrogates; UTF-8 cannot hold them
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
+    return _without_surrogates(text) if _escapes_surrogates(line) else text
+
+
+def _json_record(line: str, where: str) -> Any:
+    """A JSONL line's value, its strings without lone surrogates; DataError naming ``where``."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc})") from exc
+    return _strings_without_surrogates(value) if _escapes_surrogates(line) else value
+
+
+def _escapes_surrogates(line: str) -> bool:
+    """JSON may escape lone surrogates (``\\ud800``); UTF-8 cannot hold them."""
+    return "\\ud" in line or "\\uD" in line
+
+
+def _without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _strings_without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _without_surrogates(value)
+    if isinstance(value, list):
+        return [_strings_without_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strings_without_surrogates(v) for k, v in value.items()}
+    return value
 
 
 # --- Parquet --------------------------------------------------------------------------------
@@ -312,12 +393,8 @@ def _json_text(line: str, field: str, where: str) -> str:
 def _parquet_texts(path: Path, column: str) -> Iterator[str]:
     """The ``column`` strings of each row, read one record batch at a time."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    parquet = _open_parquet(path)
     _check_text_column(path, parquet.schema_arrow, column)
     row = 0
     try:
@@ -329,6 +406,32 @@ def _parquet_texts(path: Path, column: str) -> Iterator[str]:
                 row += 1
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: unreadable at row {row} (0-based) ({exc})") from exc
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    """Each row as a dict of all its columns (nested lists and structs as lists and dicts), one
+    record batch at a time."""
+    import pyarrow as pa
+
+    parquet = _open_parquet(path)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for data in batch.to_pylist():
+                yield Record(f"{path}: row {row} (0-based)", data)
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: unreadable at row {row} (0-based) ({exc})") from exc
+
+
+def _open_parquet(path: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
 def _check_text_column(path: Path, schema: object, column: str) -> None:

@@ -2,7 +2,10 @@
 
 Each shard must exist, have the manifest's size and sha256, and parse as a tar whose samples
 (``<key>.json`` + ``<key>.tokens.npy``, 1-d unsigned ids below the vocabulary size) add up to the
-manifest's sample and token counts. The tokenizer file must match its recorded sha256. The hash
+manifest's sample and token counts; task data's samples also have their format's member, checked
+against the tokens (``mask.npy``: uint8, as long as the tokens, some target; ``cls``: a label
+index of the manifest's list; ``target.npy``: ids like the tokens, not empty). The tokenizer file
+must match its recorded sha256. The hash
 alone catches any change; the content checks say what is wrong with a shard that fails it. A
 corpus at a URL is read through ``megatrain.data.storage`` (each shard bounded by its size in the
 manifest).
@@ -11,14 +14,20 @@ manifest).
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from megatrain.data import storage
 from megatrain.data.manifest import MAX_SHARD_BYTES, MAX_TOKENIZER_BYTES, Manifest, ShardInfo
 from megatrain.data.tar import npy_tokens, tar_samples
 
 MAX_PROBLEMS = 5
+TASK_MEMBERS = {"sft": "mask.npy", "cls": "cls", "seq2seq": "target.npy"}
+"""The member each task format's samples carry beside json and tokens.npy."""
 
 
 @dataclass
@@ -49,7 +58,8 @@ def verify(root: str | Path) -> list[Check]:
     manifest = Manifest.load(root)
     checks = [_check_tokenizer(manifest)]
     for split, shards in manifest.splits.items():
-        checks += [_check_shard(shard, split, manifest.vocab_size) for shard in shards]
+        checks += [_check_shard(shard, split, manifest.vocab_size, manifest.task)
+                   for shard in shards]
     return checks
 
 
@@ -63,7 +73,8 @@ def _check_tokenizer(manifest: Manifest) -> Check:
     return check
 
 
-def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
+def _check_shard(shard: ShardInfo, split: str, vocab_size: int,
+                 task: dict[str, Any] | None = None) -> Check:
     check = Check(shard.name, split)
     # At a URL the manifest's size bounds the read; a local file's size is reported as it is.
     remote = storage.is_url(shard.url)
@@ -74,7 +85,7 @@ def _check_shard(shard: ShardInfo, split: str, vocab_size: int) -> Check:
         check.problems.append(f"size {len(data):,} bytes, manifest says {shard.nbytes:,}")
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         check.problems.append("sha256 differs from the manifest")
-    _check_content(data, vocab_size, check)
+    _check_content(data, vocab_size, check, task)
     if check.samples != shard.samples:
         check.problems.append(f"{check.samples} samples, manifest says {shard.samples}")
     if check.tokens != shard.tokens:
@@ -97,22 +108,25 @@ def _read(location: str, limit: int, check: Check) -> bytes | None:
         return None
 
 
-def _check_content(data: bytes, vocab_size: int, check: Check) -> None:
+def _check_content(data: bytes, vocab_size: int, check: Check,
+                   task: dict[str, Any] | None = None) -> None:
     """Count samples and tokens, noting (a few) malformed samples."""
     samples, stop = tar_samples(data)
     if stop:
         check.problems.append(f"unreadable tar ({stop})")
     for key, parts in samples:
         check.samples += 1
-        problem = _sample_problem(key, parts, vocab_size, check)
+        problem = _sample_problem(key, parts, vocab_size, check, task)
         if problem and len(check.problems) < MAX_PROBLEMS:
             check.problems.append(problem)
 
 
 def _sample_problem(key: str, parts: dict[str, memoryview], vocab_size: int,
-                    check: Check) -> str:
-    if set(parts) != {"json", "tokens.npy"}:
-        return f"sample {key} has members {sorted(parts)}, expected json + tokens.npy"
+                    check: Check, task: dict[str, Any] | None = None) -> str:
+    extra = TASK_MEMBERS[task["format"]] if task else None
+    expected = {"json", "tokens.npy"} | ({extra} if extra else set())
+    if set(parts) != expected:
+        return f"sample {key} has members {sorted(parts)}, expected {' + '.join(sorted(expected))}"
     try:
         tokens = npy_tokens(parts["tokens.npy"])
     except ValueError as exc:
@@ -120,4 +134,34 @@ def _sample_problem(key: str, parts: dict[str, memoryview], vocab_size: int,
     check.tokens += len(tokens)
     if len(tokens) and int(tokens.max()) >= vocab_size:
         return f"sample {key} has token id {int(tokens.max())} >= vocab size {vocab_size}"
+    if extra:
+        problem = _task_member_problem(extra, parts[extra], tokens, vocab_size, task)
+        return f"sample {key}: {problem}" if problem else ""
+    return ""
+
+
+def _task_member_problem(name: str, data: memoryview, tokens: np.ndarray, vocab_size: int,
+                         task: dict[str, Any]) -> str:
+    """What is wrong with a task sample's extra member, or ""."""
+    if name == "cls":
+        text = bytes(data).decode("ascii", "replace")
+        labels = len(task.get("labels") or [])
+        if not text.isdigit() or int(text) >= labels:
+            return f"cls {text!r} is not a label index below {labels}"
+        return ""
+    if name == "target.npy":
+        try:
+            target = npy_tokens(data)
+        except ValueError as exc:
+            return f"unreadable target.npy ({exc})"
+        if not len(target) or target.dtype != tokens.dtype or int(target.max()) >= vocab_size:
+            return f"target.npy must hold 1 to n {tokens.dtype} ids below {vocab_size}"
+        return ""
+    try:
+        mask = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        return f"unreadable mask.npy ({exc})"
+    if mask.dtype != np.uint8 or mask.shape != tokens.shape or not mask.any():
+        return (f"mask.npy is {mask.dtype}{list(mask.shape)}, expected uint8[{len(tokens)}] "
+                "with a target")
     return ""
