@@ -191,22 +191,25 @@ def _sample_extra(parts: dict[str, memoryview], length: int, where: str,
     one is corrupt: a mask that is not uint8 or not one per token, target ids that are not a
     token array, a class that is not a non-negative decimal."""
     extra: Extra = {}
+    member = ""
     try:
         if "mask.npy" in parts:
-            mask = np.lib.format.read_array(BytesIO(parts["mask.npy"]), allow_pickle=False)
+            member = "mask.npy"
+            mask = np.lib.format.read_array(BytesIO(parts[member]), allow_pickle=False)
             if mask.dtype != np.uint8 or mask.shape != (length,):
-                raise ValueError(f"mask is {mask.dtype}{list(mask.shape)}, expected uint8"
-                                 f"[{length}] (one per token)")
+                raise ValueError(f"{mask.dtype}{list(mask.shape)}, expected uint8[{length}] "
+                                 "(one per token)")
             extra["mask"] = mask
         if "target.npy" in parts:
-            extra["target"] = npy_tokens(parts["target.npy"])
+            member = "target.npy"
+            extra["target"] = npy_tokens(parts[member])
         if "cls" in parts:
-            text = bytes(parts["cls"]).strip()
+            member, text = "cls", bytes(parts["cls"]).strip()
             if not text.isdigit():
-                raise ValueError(f"class {text[:20]!r} is not a non-negative integer")
+                raise ValueError(f"{text[:20]!r} is not a class id (a non-negative integer)")
             extra["cls"] = int(text)
     except NPY_ERRORS as exc:
-        errors.append(f"{where}: {exc}")
+        errors.append(f"{where}.{member}: {exc}")
         return None
     return extra
 

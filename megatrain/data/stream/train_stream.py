@@ -14,8 +14,9 @@ counted (``data_dropped``).
 
 Epochs. ``epochs=N`` reads every source for exactly N epochs, then the iterator ends (a reader's
 rows run on from one epoch into the next, so the last micro-batch may have fewer rows, and ranks
-may end at different micro-batches: ``TrainStream.exhausted``); ``estimate_batches`` tells from
-the manifest's counts how many micro-batches each rank yields. Without it the stream is infinite.
+may end at different micro-batches: ``TrainStream.exhausted``; the concatenating packer leaves
+out a reader's last partial row). ``estimate_batches`` tells from the manifest's counts how many
+micro-batches each rank yields. Without ``epochs`` the stream is infinite.
 
 State. A reader's state is its remaining work: per source, the pieces of the global order it
 still has to read (the first one possibly a token offset into a half-read document), then whole
@@ -529,9 +530,10 @@ def estimate_batches(
     Exact where every row holds one sample (cls, seq2seq, sft without packing): a reader's rows
     are its samples, ``ceil(rows / micro_batch_size)`` batches (the batches run on across epoch
     boundaries, so N epochs may take fewer than N times one). Estimated from the token counts
-    where rows are packed: whole samples (packed sft, ``pack_whole_docs``) leave on average half
-    a sample of padding per row; the concatenating packer wastes nothing but a reader's last
-    partial row. A reader's share of a source's tokens is taken as its share of the samples.
+    where rows are packed: whole samples (packed sft, ``pack_whole_docs``) leave about half a
+    sample of padding per row (within ~10% when samples are shorter than a row, up to ~20% over
+    when many are longer); the concatenating packer wastes nothing but a reader's last partial
+    row. A reader's share of a source's tokens is taken as its share of the samples.
     """
     if isinstance(sources, Manifest):
         sources = (Source(sources.name, tuple(sources.shards(split))),)
@@ -562,13 +564,13 @@ def _rows(objective: Objective, samples: int, tokens: float, whole: bool) -> flo
     if isinstance(objective, TaskObjective):
         # packed sft: a sample takes a position per token (its EOS is only a label), seq_len at most
         capacity = objective.seq_len
-        used = min(tokens, samples * capacity)
-    elif whole:
-        capacity, used = objective.row_tokens + objective.overlap, tokens + samples
+        used, most = min(tokens, samples * capacity), samples
+    elif whole:  # a document longer than a row runs on into the next
+        capacity, used, most = objective.row_tokens + objective.overlap, tokens + samples, math.inf
     else:
         return max(0, (tokens + samples - objective.overlap) // objective.row_tokens)
-    mean = min(used / samples, capacity)
-    return math.ceil(used / max(1.0, capacity - mean / 2))
+    waste = min(used / samples, capacity / 2) / 2  # a row's end: half a sample that won't fit
+    return min(most, math.ceil(used / (capacity - waste)))
 
 
 def estimate_batches_per_epoch(
