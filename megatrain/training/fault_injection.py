@@ -20,13 +20,15 @@ class FaultInjection:
     gradients NaN; ``MEGATRAIN_FAULT_SPIKE=STEP`` multiplies every rank's loss by 20 the first
     time that step runs (a finite spike that a rollback leaves behind, as skipping bad data
     would); ``MEGATRAIN_FAULT_SAVE_DELAY=SECONDS`` holds every save that long between writing
-    and publishing, so a test's SIGKILL can land mid-save.
+    and publishing, so a test's SIGKILL can land mid-save; ``MEGATRAIN_FAULT_PREEMPT=STEP``
+    acts as if a stop signal arrived during that step (a preemption at an exact step).
     """
 
     nan_at: tuple[int, int] | None = None
     grad_nan_at: tuple[int, int] | None = None
     save_delay_s: float = 0.0
     spike_step: int | None = None
+    preempt_step: int | None = None
 
     @classmethod
     def from_env(cls) -> FaultInjection:
@@ -34,10 +36,12 @@ class FaultInjection:
         grad_nan = os.environ.get("MEGATRAIN_FAULT_GRAD_NAN")
         delay = float(os.environ.get("MEGATRAIN_FAULT_SAVE_DELAY", "0"))
         spike = os.environ.get("MEGATRAIN_FAULT_SPIKE")
-        if nan or grad_nan or delay or spike:
-            log.warning("fault injection is on: nan=%s grad_nan=%s spike=%s save_delay=%ss",
-                        nan, grad_nan, spike, delay)
-        return cls(_step_rank(nan), _step_rank(grad_nan), delay, int(spike) if spike else None)
+        preempt = os.environ.get("MEGATRAIN_FAULT_PREEMPT")
+        if nan or grad_nan or delay or spike or preempt:
+            log.warning("fault injection is on: nan=%s grad_nan=%s spike=%s save_delay=%ss "
+                        "preempt=%s", nan, grad_nan, spike, delay, preempt)
+        return cls(_step_rank(nan), _step_rank(grad_nan), delay, int(spike) if spike else None,
+                   int(preempt) if preempt else None)
 
     def poison(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
         """``loss``, made NaN, given NaN gradients or spiked where the test asked for it."""

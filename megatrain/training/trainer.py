@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +21,14 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config.schema import Config
+from megatrain.data.manifest import TASK_FORMATS
 from megatrain.data.stream.objectives import IGNORE, Objective, build_objective
 from megatrain.data.stream.trace import TraceWriter
-from megatrain.data.stream.train_stream import build_train_stream, iter_eval_batches
+from megatrain.data.stream.train_stream import (
+    build_train_stream,
+    estimate_batches_per_epoch,
+    iter_eval_batches,
+)
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
@@ -31,7 +37,7 @@ from megatrain.metrics import MetricSinks, build_sinks
 from megatrain.metrics.throughput import Throughput, memory_gb
 from megatrain.models.flops import peak_tflops_for
 from megatrain.models.generation import generate
-from megatrain.models.registry import get_model_spec, resolve_model_config
+from megatrain.models.registry import get_model_spec, resolve_model_config, with_heads
 from megatrain.training import checkpoint as ckpt
 from megatrain.training.best import BestTracker
 from megatrain.training.data_setup import resolve_train_data, shard_io
@@ -46,11 +52,12 @@ from megatrain.training.losses import (
     training_loss,
 )
 from megatrain.training.numerics import StepGuard, Verdict
-from megatrain.training.pretrained import pretrained_config
+from megatrain.training.pretrained import load_pretrained_weights, pretrained_config
 from megatrain.training.signals import Preempted, StopSignals
 from megatrain.training.transforms import apply_transforms
 
 log = logging.getLogger("megatrain")
+TASK_BASE = {"sft": "clm", "cls": "mlm", "seq2seq": "span"}  # the family objective a task needs
 
 
 @dataclass
@@ -76,13 +83,16 @@ class Trainer:
                  signals: StopSignals | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(cfg.run.dir)
-        self.sources, self.train_manifest, self.eval_manifest = resolve_train_data(cfg.data,
-                                                                                  world)
+        self.sources, self.train_manifest, self.eval_manifest = resolve_train_data(
+            cfg.data, world, cfg.model.init_from)
         self.tokenizer = load_tokenizer(self.train_manifest.tokenizer_path)
         self.precision = resolve_precision(cfg.trainer.precision, device)
         self.resume_from = ckpt.find_checkpoint(self.run_dir, cfg.run.resume)
-        self.model_cfg, self.spec, model = self._build_model()
+        self.spec = get_model_spec(cfg.model.family)
+        self.task = self._task()
+        self.model_cfg, model = self._build_model()
         self.objective = self._build_objective()
+        self.epoch_plan = self._epoch_plan()  # before the engine: it sets the schedule's length
         self.resume_layout = "same" if self.resume_from is None else ckpt.resume_layout(
             self.resume_from, world.world_size, cfg.deepspeed.zero_stage)
         if self.resume_layout == ckpt.UNIVERSAL:
@@ -99,10 +109,10 @@ class Trainer:
             rank=world.rank, world_size=world.world_size, num_workers=cfg.data.num_workers,
             shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda", objective=self.objective,
             sources=self.sources, pack_whole_docs=cfg.data.pack_whole_docs,
-            max_skip_fraction=cfg.data.max_skip_fraction, io=shard_io(cfg.data))
+            max_skip_fraction=cfg.data.max_skip_fraction, io=shard_io(cfg.data),
+            epochs=cfg.trainer.epochs)
         self.progress = Progress()
         self.data_ended = False  # trainer.epochs: the data ended on every rank
-        self.epoch_plan: EpochPlan | None = None
         self.signals = signals or StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
         self._engine_hides_grad_norm = cfg.deepspeed.zero_stage == 0 and self.precision == "fp32"
@@ -123,16 +133,45 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def _build_model(self) -> tuple[Any, Any, torch.nn.Module]:
-        cfg = self.cfg
-        spec = get_model_spec(cfg.model.family)
+    def _task(self) -> str | None:
+        """The objective of the run's data: ``data.objective``, else the task corpus's format,
+        else the family's pretraining objective — checked against the corpus and the family."""
+        data, family = self.cfg.data, self.cfg.model.family
+        fmt = self.train_manifest.task["format"] if self.train_manifest.task else None
+        name = data.objective or fmt or self.spec.objective
+        eval_task = self.eval_manifest.task
+        if (eval_task["format"] if eval_task else None) != fmt:
+            raise ConfigError(f"data.eval={data.eval} is not the same kind of data as data.train="
+                              f"{data.train} ({fmt or 'pretraining'})")
+        if fmt and name != fmt:
+            raise ConfigError(f"data.train={data.train} is {fmt} task data (megatrain-prepare "
+                              f"--format {fmt}); data.objective={name} cannot train on it")
+        if name in TASK_FORMATS and not fmt:
+            raise ConfigError(f"data.objective={name} needs task data (megatrain-prepare --format "
+                              f"{name}); data.train={data.train} is a pretraining corpus")
+        needs = TASK_BASE.get(name, name)
+        if needs != self.spec.objective:
+            raise ConfigError(f"data.objective={name} does not fit model.family={family}, which "
+                              f"trains on {self.spec.objective}")
+        if data.nsp and name != "mlm":
+            raise ConfigError(f"data.nsp={data.nsp} is a part of masked-LM pretraining; "
+                              f"data.objective is {name}")
+        return name
+
+    def _num_labels(self) -> int:
+        return len(self.train_manifest.task["labels"]) if self.task == "cls" else 0
+
+    def _build_model(self) -> tuple[Any, torch.nn.Module]:
+        cfg, spec = self.cfg, self.spec
         vocab_size = self.tokenizer.vocab_size
+        heads = {"num_labels": self._num_labels(), "nsp": bool(cfg.data.nsp)}
         init_state = None
         if cfg.model.init_from:
             model_cfg, init_state = pretrained_config(cfg.model.init_from, cfg.model, vocab_size,
-                                                      weights=self.resume_from is None)
+                                                      weights=self.resume_from is None, **heads)
         else:
-            model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size)
+            model_cfg = with_heads(resolve_model_config(cfg.model, vocab_size=vocab_size),
+                                   **heads)
         if cfg.data.seq_len > model_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len "
                               f"({model_cfg.max_seq_len})")
@@ -140,27 +179,43 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         model = spec.build(model_cfg, self.device, dtype)
         if init_state is not None:
-            model.load_state_dict(init_state)
+            load_pretrained_weights(model, init_state, cfg.model.init_from)
             log.info("model initialised from %s", cfg.model.init_from)
         torch.manual_seed(cfg.trainer.seed + self.world.rank)  # per-rank dropout streams
         log.info("model: %s %s, %.2fM parameters", cfg.model.family, cfg.model.size or "custom",
                  sum(p.numel() for p in model.parameters()) / 1e6)
         t = cfg.trainer
-        return model_cfg, spec, apply_transforms(model, t.activation_checkpointing, t.compile)
+        return model_cfg, apply_transforms(model, t.activation_checkpointing, t.compile)
 
     def _build_objective(self) -> Objective:
         data, family = self.cfg.data, self.cfg.model.family
-        name = data.objective or self.spec.objective
-        if name != self.spec.objective:
-            raise ConfigError(f"data.objective={name} does not fit model.family={family}, which "
-                              f"trains on {self.spec.objective}")
         if self.cfg.trainer.sample_prompt and not self.spec.generates:
-            raise ConfigError(f"trainer.sample_prompt: model.family={family} ({name}) does not "
-                              "generate text; unset it")
-        return build_objective(name, data.seq_len, self.tokenizer, doc_masking=data.doc_masking,
-                               mask_prob=data.mask_prob, noise_density=data.noise_density,
-                               mean_span=data.mean_span,
-                               whole_word_masking=data.whole_word_masking)
+            raise ConfigError(f"trainer.sample_prompt: model.family={family} ({self.task}) does "
+                              "not generate text; unset it")
+        return build_objective(self.task, data.seq_len, self.tokenizer,
+                               doc_masking=data.doc_masking, mask_prob=data.mask_prob,
+                               noise_density=data.noise_density, mean_span=data.mean_span,
+                               whole_word_masking=data.whole_word_masking,
+                               target_len=data.target_len, sft_loss_on=data.sft.loss_on,
+                               sft_packing=data.sft.packing, num_labels=self._num_labels() or None,
+                               nsp=data.nsp)
+
+    def _epoch_plan(self) -> EpochPlan | None:
+        """With ``trainer.epochs``: the steps per epoch from the manifest's counts, and
+        ``trainer.max_steps`` (the schedule's length) set to all epochs' steps."""
+        t = self.cfg.trainer
+        if t.epochs is None:
+            return None
+        batches = estimate_batches_per_epoch(
+            self.sources or self.train_manifest, self.objective,
+            micro_batch_size=t.micro_batch_size, world_size=self.world.world_size,
+            num_workers=self.cfg.data.num_workers, epochs=t.epochs,
+            pack_whole_docs=self.cfg.data.pack_whole_docs)
+        plan = EpochPlan(t.epochs, batches / t.grad_accum_steps)
+        t.max_steps = plan.max_steps
+        log.info("trainer.epochs=%d: about %.1f steps per epoch, %d in all (the schedule's "
+                 "length)", t.epochs, plan.steps_per_epoch, plan.max_steps)
+        return plan
 
     def _maybe_resume(self) -> str | None:
         """Load the checkpoint ``run.resume`` names; return the W&B run id it carries."""
@@ -218,6 +273,8 @@ class Trainer:
             if evaluated_at == step:
                 saved = self._keep_if_best(last_eval, step, saved)
             last = not self.epoch_plan and step == t.max_steps
+            if step == self.faults.preempt_step:
+                self.signals.received = signal.SIGTERM
             if not last and self.signals.should_stop():  # at the end: just finish
                 self._stop_on_signal(already_saved=saved)
         if steps_in_window:  # the data ended inside a log window
@@ -266,6 +323,7 @@ class Trainer:
         """One optimizer step over ``grad_accum_steps`` micro-batches; the step's loss per
         labelled token (on device), or None when the update was skipped or rolled back (see
         ``numerics``)."""
+        self.optimizer.finetune.begin_step(self.progress.step)  # finetune.*: what trains now
         accum = self.cfg.trainer.grad_accum_steps
         micro_batches = self._micro_batches(batches, accum)
         if micro_batches is None:
@@ -485,7 +543,8 @@ class Trainer:
                                                        **vars(self.model_cfg)},
                 "world_size": self.world.world_size,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.precision,
-                "seq_len": self.cfg.data.seq_len, "objective": self.objective.name}
+                "seq_len": self.cfg.data.seq_len, "objective": self.objective.name,
+                **({"labels": self.train_manifest.task["labels"]} if self.task == "cls" else {})}
         start = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.progress.step,
                                     self.world.rank, rank_state, meta,

@@ -682,14 +682,19 @@ def ensure_prepared(
     prepares, the others wait and then reuse its complete output.
     """
     cache_dir = Path(cache_dir).expanduser()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / f"{_cache_name(source)}-v{vocab_size}-tok{TOKENIZER_FORMAT}"
-    with (cache_dir / f".{out.name}.lock").open("w") as lock:
+    return prepare_once(source, out, vocab_size=vocab_size, workers=workers, progress=progress)
+
+
+def prepare_once(source: str, out: Path, **options: Any) -> Path:
+    """``prepare(source, out, **options)`` unless ``out`` holds it complete already; ranks and
+    jobs sharing a cache take turns on a file lock beside ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / f".{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_prepared(out, source):
             log.info("preparing %s into %s (first use; cached afterwards)", source, out)
-            manifest = prepare(source, out, vocab_size=vocab_size, workers=workers,
-                               progress=progress)
+            manifest = prepare(source, out, **options)
             log.info("prepared %s: %d documents, %d tokens", source,
                      manifest.stats["documents"], manifest.stats["train_tokens"])
     return out
