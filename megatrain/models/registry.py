@@ -21,14 +21,15 @@ from megatrain.config.schema import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.bert.spec import BERT_SPEC
 from megatrain.models.common.attention import ATTN_IMPLS
+from megatrain.models.common.heads import fit_heads
 from megatrain.models.common.hf import StateDict, import_transformers, read_hf_weights
 from megatrain.models.gpt2.spec import GPT_SPEC
 from megatrain.models.llama.spec import LLAMA_SPEC
 from megatrain.models.spec import ModelSpec
 from megatrain.models.t5.spec import T5_SPEC
 
-__all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "get_model_spec", "load_hf_pretrained",
-           "resolve_model_config", "spec_for_config"]
+__all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "check_heads", "get_model_spec",
+           "load_hf_pretrained", "resolve_model_config", "spec_for_config", "with_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,34 @@ def _validate(config: Any) -> None:
         raise ConfigError(f"model.dropout={config.dropout} must be in [0, 1)")
 
 
+HEAD_FIELDS = ("num_labels", "nsp")  # the task heads a family's config may have (BERT's)
+
+
+def has_heads(family: str) -> bool:
+    """Whether ``family``'s models can have task heads (a classifier, BERT's NSP head)."""
+    fields = {f.name for f in dataclasses.fields(get_model_spec(family).config_cls)}
+    return set(HEAD_FIELDS) <= fields
+
+
+def check_heads(family: str, num_labels: int = 0, nsp: bool = False) -> None:
+    """ConfigError when a run's data asks ``family`` for task heads it does not have."""
+    if (num_labels or nsp) and not has_heads(family):
+        what = "data.objective=cls" if num_labels else "data.nsp"
+        raise ConfigError(f"{what} needs a model with a pooled [CLS] head (model.family=bert); "
+                          f"model.family={family} has none")
+
+
+def with_heads(config: Any, *, num_labels: int = 0, nsp: bool = False) -> Any:
+    """``config`` with the task heads a run's data asks for: a classifier over ``num_labels``
+    classes (data.objective=cls) or the next-sentence head (data.nsp), else the plain model. A
+    family without such heads asked for one is a ConfigError."""
+    family = spec_for_config(config).family
+    check_heads(family, num_labels, nsp)
+    if not has_heads(family):
+        return config
+    return dataclasses.replace(config, num_labels=num_labels, nsp=nsp)
+
+
 def build_model(
     cfg: Mapping[str, Any] | ModelConfig,
     vocab_size: int,
@@ -140,8 +169,10 @@ def load_hf_pretrained(directory: str | Path,
                        weights: bool = True) -> tuple[str, Any, StateDict | None]:
     """(family, config, state_dict) of a Hugging Face model directory, in megatrain's terms.
 
-    The family comes from config.json's ``model_type``; the state dict loads into
-    ``get_model_spec(family).build(config, ...)`` with ``strict=True``.
+    The family comes from config.json's ``model_type``, the heads from its ``architectures``;
+    the state dict loads into ``get_model_spec(family).build(config, ...)`` with ``strict=True``
+    (heads the weights carry beyond the config's are left out; a head they lack is missing, for
+    ``models.common.heads.load_fitted`` to keep fresh).
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -159,4 +190,6 @@ def load_hf_pretrained(directory: str | Path,
         raise ConfigError(f"{directory}: {e}") from e
     if not weights:  # the config alone (a resumed run takes its weights from the checkpoint)
         return spec.family, config, None
-    return spec.family, config, spec.hf.state_dict_from_hf(read_hf_weights(directory))
+    state_dict = spec.hf.state_dict_from_hf(read_hf_weights(directory))
+    model = spec.build(config, "meta", torch.float32)  # its names and shapes, for free
+    return spec.family, config, fit_heads(model, state_dict, str(directory))[0]

@@ -1,8 +1,13 @@
 """Trained models from elsewhere: a megatrain checkpoint or a Hugging Face folder, as
-``model.init_from`` starts from them, and as generate and export load them."""
+``model.init_from`` starts from them, and as generate and export load them.
+
+A fine-tune may start from weights with other task heads (a masked LM becoming a classifier):
+``pretrained_config`` gives the pretrained body the run's heads and ``load_pretrained_weights``
+loads the shared weights, keeping the new heads as the model initialised them."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +17,16 @@ from torch import nn
 from megatrain.config.schema import ModelConfig
 from megatrain.data.tokenizer import Tokenizer, load_tokenizer
 from megatrain.errors import ConfigError
-from megatrain.models.registry import get_model_spec, load_hf_pretrained
+from megatrain.models.common.heads import load_fitted
+from megatrain.models.registry import (
+    check_heads,
+    get_model_spec,
+    load_hf_pretrained,
+    with_heads,
+)
 
 HF_PREFIX = "hf:"
+log = logging.getLogger("megatrain")
 
 
 def load_checkpoint_model(checkpoint: str | Path, weights: bool = True
@@ -66,21 +78,49 @@ def hf_directory(name: str) -> Path:
 
 
 def pretrained_config(source: str, model_cfg: ModelConfig, vocab_size: int,
-                      weights: bool = True) -> tuple[Any, dict | None]:
+                      weights: bool = True, *, num_labels: int = 0, nsp: bool = False
+                      ) -> tuple[Any, dict | None]:
     """The starting config and weights for ``model.init_from=source``, checked against the run:
     the same family, a vocabulary that covers the tokenizer's; the run's attn_impl and dropout
-    apply (they are not part of the weights). ``weights=False`` (a run that resumes: its
-    checkpoint has newer ones) reads the config only."""
+    apply (they are not part of the weights), and so do the run's task heads (``num_labels``,
+    ``nsp``: ``registry.with_heads``), whatever heads ``source`` has. ``weights=False`` (a run
+    that resumes: its checkpoint has newer ones) reads the config only. Load the weights with
+    :func:`load_pretrained_weights`."""
+    check_heads(model_cfg.family, num_labels, nsp)
     family, config, state_dict = load_pretrained(source, weights)
     if family != model_cfg.family:
-        raise ConfigError(f"model.init_from={source} is a {family} model, but model.family="
-                          f"{model_cfg.family}; set model.family={family}")
+        raise ConfigError(_wrong_family(source, family, model_cfg.family, num_labels, nsp))
     if config.vocab_size < vocab_size:
         raise ConfigError(f"model.init_from={source} has a vocabulary of {config.vocab_size}, "
                           f"smaller than the corpus tokenizer's {vocab_size}: prepare the corpus "
                           "with that model's tokenizer")
+    config = with_heads(config, num_labels=num_labels, nsp=nsp)
     config.attn_impl, config.dropout = model_cfg.attn_impl, model_cfg.dropout
     return config, state_dict
+
+
+def _wrong_family(source: str, family: str, run_family: str, num_labels: int, nsp: bool) -> str:
+    """One line: the checkpoint's family and the run's, and what to change."""
+    if num_labels or nsp:  # the run's family is the one that has the heads its data needs
+        what = "data.objective=cls" if num_labels else "data.nsp"
+        return (f"model.init_from={source} is a {family} model, but model.family={run_family} "
+                f"and {what} fine-tunes a {run_family} model; start from a {run_family} "
+                "checkpoint")
+    return (f"model.init_from={source} is a {family} model, but model.family={run_family}; "
+            f"set model.family={family}")
+
+
+def load_pretrained_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                            source: str) -> None:
+    """Load ``model.init_from=source``'s weights into ``model`` (built from
+    :func:`pretrained_config`'s config): the shared ones are loaded; the model's heads that
+    ``source`` lacks, or has in other shapes (another number of classes), keep the family's
+    initialisation the model was built with; ``source``'s other heads are dropped. A tensor
+    missing or extra outside the heads is a ConfigError naming the first one."""
+    fresh = load_fitted(model, state_dict, f"model.init_from={source}")
+    if fresh:
+        heads = sorted({name.split(".", 1)[0] for name in fresh})
+        log.info("model.init_from=%s has no %s: initialised afresh", source, ", ".join(heads))
 
 
 def load_trained_model(checkpoint: str | Path,
@@ -89,7 +129,7 @@ def load_trained_model(checkpoint: str | Path,
     folder."""
     from megatrain.training.checkpoint import resolve_checkpoint_path
 
-    family, config, state_dict = load_checkpoint_model(checkpoint)
+    family, config, state_dict = load_checkpoint_model(checkpoint)  # the heads it trained
     model = get_model_spec(family).build(config, device, torch.float32)
     model.load_state_dict(state_dict)
     return model.eval(), load_tokenizer(resolve_checkpoint_path(Path(checkpoint)))

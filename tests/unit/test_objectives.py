@@ -452,3 +452,163 @@ def test_a_tokenizer_whose_pieces_carry_no_spaces_is_refused(wwm_text: str,
     with pytest.raises(ConfigError, match="do not mark word boundaries"):
         build_objective("mlm", 64, tok, whole_word_masking=True)
     build_objective("mlm", 64, tok)  # token-level masking is fine
+
+
+# --- sentence pairs: BERT's next-sentence and sentence-order prediction (data.nsp) ----------------
+
+CLS, SEP = TOKENIZER.cls_id, TOKENIZER.sep_id
+
+
+def _pairs(mode: str, window: np.ndarray, rows: int, seed: int = 0, seq_len: int = 32):
+    """(batch, the rows' originals: masked tokens put back) of ``data.nsp=mode``."""
+    batch = build_objective("mlm", seq_len, TOKENIZER, nsp=mode).batch(
+        window, rows, np.random.default_rng(seed))
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    return batch, np.where(labels != IGNORE, labels, inputs)
+
+
+def _segments(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of ``[CLS] A [SEP] B [SEP]``."""
+    first_sep = int(np.flatnonzero(row == SEP)[0])
+    return row[1:first_sep], row[first_sep + 1:-1]
+
+
+@pytest.mark.parametrize("mode", ["next", "order"])
+def test_sentence_pairs_are_cls_a_sep_b_sep_masked_on_a_and_b_only(mode: str) -> None:
+    rows, n = 256, 32 - 3
+    window = _window(rows * n)
+    batch, original = _pairs(mode, window, rows)
+    assert set(batch) == {"input_ids", "token_type_ids", "labels", "nsp_labels"}
+    assert all(v.dtype == torch.int64 for v in batch.values())
+    inputs, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
+    types = batch["token_type_ids"].numpy()
+    assert inputs.shape == types.shape == labels.shape == (rows, 32)
+    assert batch["nsp_labels"].shape == (rows,)
+    assert (original[:, 0] == CLS).all() and (original[:, -1] == SEP).all()
+    assert ((original == SEP).sum(1) == 2).all() and ((original == CLS).sum(1) == 1).all()
+    first_sep = (original == SEP).argmax(1)
+    assert (first_sep >= 2).all() and (first_sep <= 32 - 3).all()  # A and B never empty
+    assert (types == (np.arange(32) > first_sep[:, None])).all()  # 0: [CLS] A [SEP]; 1: B [SEP]
+    special = (original == CLS) | (original == SEP) | (original == EOS)
+    assert not (labels[special] != IGNORE).any()  # [CLS], [SEP] (and EOS) are never targets
+    assert (inputs[special] == original[special]).all()
+    chosen = labels != IGNORE
+    assert abs(chosen.sum() / (~special).sum() - 0.15) < 0.02
+    assert abs(((inputs == MASK) & chosen).sum() / chosen.sum() - 0.8) < 0.04
+    for r in range(rows):  # A is the start of the row's own stream tokens
+        a, b = _segments(original[r])
+        own = window[r * n:(r + 1) * n]
+        swapped = mode == "order" and batch["nsp_labels"][r] == 1
+        if swapped:
+            assert np.array_equal(np.concatenate([b, a]), own)
+        else:
+            assert np.array_equal(a, own[:len(a)])
+            if batch["nsp_labels"][r] == 0:
+                assert np.array_equal(b, own[len(a):])  # B is the text that follows A
+
+
+@pytest.mark.parametrize("mode", ["next", "order"])
+def test_half_the_pairs_are_random_or_swapped(mode: str) -> None:
+    rows = 2000
+    batch, _ = _pairs(mode, _window(rows * 29, seed=1), rows, seed=2)
+    assert abs(batch["nsp_labels"].float().mean().item() - 0.5) < 0.03
+
+
+def test_a_random_b_comes_from_another_document_of_the_window() -> None:
+    rows, n = 64, 29
+    window = _window(rows * n, seed=3)
+    docs = doc_ids_of(window[None], EOS)[0]
+    batch, original = _pairs("next", window, rows, seed=4)
+    random_rows = np.flatnonzero(batch["nsp_labels"].numpy() == 1)
+    assert len(random_rows) > 20
+    elsewhere = 0
+    for r in random_rows:
+        a, b = _segments(original[r])
+        a_docs = set(docs[r * n:r * n + len(a)])
+        spans = np.lib.stride_tricks.sliding_window_view(window, len(b))
+        starts = np.flatnonzero((spans == b).all(1))
+        assert len(starts), "B is a span of the window"
+        assert any(not a_docs & set(docs[s:s + len(b)]) for s in starts)
+        elsewhere += all(s // n != r for s in starts)
+    assert elsewhere > len(random_rows) // 2  # mostly from other rows, not the row's own tail
+
+
+def test_in_a_window_of_one_document_a_random_b_is_from_the_other_rows() -> None:
+    """No other document in the window (documented): B is text of the other rows, neither A nor
+    what follows it; a window of one row in one document has no random B at all."""
+    rows, n = 256, 29
+    window = np.arange(1000, 1000 + rows * n)  # one document, every token distinct
+    batch, original = _pairs("next", window, rows, seed=8)
+    labels = batch["nsp_labels"].numpy()
+    assert abs(labels.mean() - 0.5) < 0.1
+    for r in np.flatnonzero(labels == 1):
+        b = _segments(original[r])[1]
+        start = int(b[0]) - 1000
+        assert np.array_equal(b, window[start:start + len(b)])
+        assert start + len(b) <= r * n or start >= (r + 1) * n  # not in its own row
+    assert (_pairs("next", window[:n], 1)[0]["nsp_labels"] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["next", "order"])
+def test_sentence_pairs_are_a_function_of_the_generator_seed(mode: str) -> None:
+    window = _window(16 * 29, seed=5)
+    one, again, other = (_pairs(mode, window, 16, seed=s)[0] for s in (6, 6, 7))
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert not torch.equal(one["input_ids"], other["input_ids"])
+    assert not torch.equal(one["nsp_labels"], other["nsp_labels"])
+
+
+def test_sentence_pairs_consume_seq_len_minus_3_tokens_and_have_their_name() -> None:
+    nsp, sop = (build_objective("mlm", 32, TOKENIZER, nsp=m) for m in ("next", "order"))
+    assert (nsp.row_tokens, nsp.overlap, nsp.name, sop.name) == (29, 0, "mlm+nsp", "mlm+sop")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "clm"}, "data.nsp applies to data.objective=mlm, not clm"),
+    ({"nsp": "random"}, "data.nsp=random is not a sentence-pair task; valid: next, order"),
+    ({"doc_masking": True}, "data.doc_masking does not apply with data.nsp"),
+    ({"seq_len": 4}, "data.seq_len=4 is too short"),
+    ({"tokenizer": SimpleNamespace(**{**vars(TOKENIZER), "sep_id": -1})},
+     "needs \\[CLS\\] and \\[SEP\\] tokens; tok.model lacks them"),
+])
+def test_bad_sentence_pair_settings_are_config_errors(change: dict, message: str) -> None:
+    args = {"name": "mlm", "seq_len": 32, "tokenizer": TOKENIZER, "nsp": "next", **change}
+    with pytest.raises(ConfigError, match=message):
+        build_objective(args.pop("name"), args.pop("seq_len"), args.pop("tokenizer"), **args)
+
+
+def test_sentence_pairs_resume_exactly_and_refuse_whole_document_rows(prepared: Manifest
+                                                                      ) -> None:
+    tokenizer = SimpleNamespace(**{**vars(TOKENIZER), "eos_id": prepared.eos_id})
+    objective = build_objective("mlm", 32, tokenizer, nsp="next")
+
+    def stream(**kwargs):
+        return build_train_stream(prepared, seq_len=32, micro_batch_size=4, seed=7, rank=0,
+                                  world_size=1, num_workers=0, objective=objective, **kwargs)
+
+    straight = list(islice(iter(stream()), 6))
+    first = stream()
+    head = list(islice(iter(first), 3))
+    resumed = stream()
+    resumed.load_state_dict(first.state_dict())
+    tail = list(islice(iter(resumed), 3))
+    for a, b in zip(straight, head + tail, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert 0 < sum(b["nsp_labels"].sum().item() for b in straight) < 6 * 4
+    with pytest.raises(ConfigError, match="pack_whole_docs supports clm and mlm, not mlm\\+nsp"):
+        stream(pack_whole_docs=True)
+
+
+def test_whole_word_masking_of_sentence_pairs_never_chooses_cls_or_sep(
+        wwm_tokenizer: Tokenizer, wwm_stream: np.ndarray) -> None:
+    """A real tokenizer's [CLS] and [SEP] ids, words of their own, are never chosen; the pairs'
+    paragraphs (real documents) give random Bs from other paragraphs."""
+    tok, rows = wwm_tokenizer, 64
+    pairs = build_objective("mlm", 64, tok, nsp="next", whole_word_masking=True)
+    batch = pairs.batch(wwm_stream, rows, np.random.default_rng(9))
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    original = np.where(labels != IGNORE, labels, inputs)
+    specials = (original == tok.cls_id) | (original == tok.sep_id)
+    assert (specials.sum(1) == 3).all() and not (labels[specials] != IGNORE).any()
+    assert 0.1 < (labels != IGNORE).mean() < 0.2
+    assert 0.3 < batch["nsp_labels"].float().mean() < 0.7

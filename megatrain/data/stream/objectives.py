@@ -8,7 +8,9 @@ tokens; an objective turns a window into tensors:
 - ``mlm`` (BERT): 15% of the tokens are chosen; of those 80% become ``[MASK]``, 10% a random token
   and 10% stay; ``labels`` hold the originals there and -100 elsewhere (RoBERTa-style dynamic
   masking: a window is masked afresh every epoch). With whole-word masking the tokens are chosen
-  word by word, as BERT's ``create_pretraining_data`` does.
+  word by word, as BERT's ``create_pretraining_data`` does. With ``data.nsp`` the rows are
+  BERT's sentence pairs (``[CLS] A [SEP] B [SEP]``, ``token_type_ids``) with a pair label
+  ``nsp_labels`` (B random or next, or A and B swapped or not): ``SentencePairs``.
 - ``span`` (T5): span corruption as in the T5 paper: ~15% of the tokens in spans of mean length 3
   are replaced by one sentinel each; the targets are the sentinels followed by the spans they
   hide. Raw rows are as long as needed for the corrupted inputs to fill ``seq_len``.
@@ -121,6 +123,14 @@ class MaskedLM:
 
     def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
         tokens = window[: rows * self.seq_len].reshape(rows, self.seq_len)
+        out = self.mask(tokens, rng)
+        if self.doc_masking:
+            out["doc_ids"] = torch.from_numpy(doc_ids_of(tokens, self.eos_id))
+        return out
+
+    def mask(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        """``input_ids`` (80/10/10 masked) and ``labels`` (the originals where chosen, -100
+        elsewhere) of (rows, T) ids."""
         if self.word_table is None:
             chosen = (rng.random(tokens.shape) < self.mask_prob) & ~np.isin(tokens,
                                                                              self.special_ids)
@@ -130,11 +140,8 @@ class MaskedLM:
         inputs = np.where(chosen & (action < 0.8), self.mask_id, tokens)
         randomize = chosen & (action >= 0.8) & (action < 0.9)
         inputs = np.where(randomize, rng.integers(0, self.vocab_size, tokens.shape), inputs)
-        out = {"input_ids": torch.from_numpy(inputs.astype(np.int64)),
-               "labels": torch.from_numpy(np.where(chosen, tokens, IGNORE).astype(np.int64))}
-        if self.doc_masking:
-            out["doc_ids"] = torch.from_numpy(doc_ids_of(tokens, self.eos_id))
-        return out
+        return {"input_ids": torch.from_numpy(inputs.astype(np.int64)),
+                "labels": torch.from_numpy(np.where(chosen, tokens, IGNORE).astype(np.int64))}
 
     def whole_words(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Bool (rows, T): the tokens of the whole words chosen in each row (class docstring)."""
@@ -173,6 +180,123 @@ class MaskedLM:
         if taken:  # no candidate at all: a batch of specials only, or none
             chosen[np.concatenate(taken)] = True
         return chosen[np.cumsum(starts) - 1].reshape(rows, T)
+
+
+NSP_MODES = ("next", "order")
+
+
+@dataclass(frozen=True)
+class SentencePairs:
+    """BERT's pretraining rows: masked LM on sentence pairs plus the pair's label (``data.nsp``).
+
+    Each row consumes ``n = seq_len - 3`` tokens of the packed stream (documents followed by EOS,
+    as for ``mlm``) and becomes ``[CLS] A [SEP] B [SEP]``, exactly ``seq_len`` long, with
+    ``token_type_ids`` 0 on ``[CLS] A [SEP]`` and 1 on ``B [SEP]``. A is the row's first ``a``
+    tokens, ``a`` uniform in 1..n-1; B has the other ``n - a`` places.
+
+    - ``next`` (BERT's next-sentence prediction): in half the rows (``nsp_labels`` 0) B is the
+      rest of the row, the text that follows A; in the others (1) B is ``n - a`` consecutive
+      tokens of the same window (any row's) none of which belongs to a document that A touches
+      (``doc_ids_of`` over the window), its start uniform among all such spans. A window with no
+      such span (its documents are longer than it) gives a span of the other rows instead: text
+      of A's own document, but neither A nor what follows it.
+    - ``order`` (ALBERT's sentence-order prediction, Megatron's BERT): A and B are the row's two
+      consecutive parts, swapped in half the rows (1): ``[CLS] B [SEP] A [SEP]``.
+
+    Then 80/10/10 masking (``MaskedLM.mask``) over the whole row; ``[CLS]``, ``[SEP]`` and the
+    other specials are never chosen. Every draw (labels, split points, random-B starts, then the
+    masking) is a fixed number per row from the window's generator, so a batch is the same
+    straight through, after a resume and on any number of ranks.
+
+    Where this departs from Google's ``create_pretraining_data``, and why: the stream has no
+    sentence boundaries, so A and B are token spans split at a random token, not runs of whole
+    sentences; rows always fill ``seq_len`` (no ``short_seq_prob`` shorter rows, no padding). A
+    "next" B may run past an EOS into the next document, as ``mlm`` rows do (BERT keeps it in A's
+    document). A random B comes from another document of the same micro-batch window rather than
+    of the whole corpus (what makes it deterministic without an index of documents). Where the
+    window is one document (documents longer than ``rows · n`` tokens, e.g. books or files
+    chunked at 64K characters, with few rows per micro-batch), "random" can only mean a distant
+    span of that document: label 1 then says that B does not follow A, a coherence task between
+    BERT's and sentence order; more rows per micro-batch, or shorter documents, give BERT's rule
+    more often. Only a window of one row in one document keeps every row a "next" pair. BERT puts
+    the text a random B displaced back into its document; a stream cannot, so that part of the
+    row (a quarter of the tokens on average) is skipped. ``data.doc_masking`` does not apply: a
+    pair is one sequence.
+    """
+
+    mlm: MaskedLM
+    cls_id: int
+    sep_id: int
+    mode: str = "next"
+    overlap: int = 0
+
+    @property
+    def name(self) -> str:
+        return "mlm+nsp" if self.mode == "next" else "mlm+sop"
+
+    @property
+    def row_tokens(self) -> int:
+        return self.mlm.seq_len - 3
+
+    def batch(self, window: np.ndarray, rows: int, rng: np.random.Generator) -> dict[str, Any]:
+        n = self.row_tokens
+        flat = window[: rows * n]
+        second = rng.random(rows) < 0.5  # label 1: B random (next) or swapped (order)
+        a = rng.integers(1, n, rows)  # A's length; B takes the other n - a places
+        where = rng.random(rows)  # where a random B starts among the allowed spans
+        j = np.arange(n)
+        src = np.arange(rows)[:, None] * n + j  # (rows, n): the window position of each token
+        if self.mode == "order":
+            src = np.where(second[:, None], src - j + (j + a[:, None]) % n, src)
+            first = np.where(second, n - a, a)
+        else:
+            start, found = self.random_b_starts(flat, a, where)
+            second &= found
+            moved = second[:, None] & (j >= a[:, None])
+            src = np.where(moved, start[:, None] + j - a[:, None], src)
+            first = a
+        tokens, types = self.pairs(flat[src], first)
+        out = self.mlm.mask(tokens, rng)
+        out["token_type_ids"] = torch.from_numpy(types)
+        out["nsp_labels"] = torch.from_numpy(second.astype(np.int64))
+        return out
+
+    def random_b_starts(self, flat: np.ndarray, a: np.ndarray, where: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """(start in ``flat`` of each row's random B, whether the window has one): a span of
+        ``n - a`` tokens wholly before the first or after the last document A touches, else
+        (none) wholly in the other rows."""
+        n, W = self.row_tokens, len(flat)
+        doc = doc_ids_of(flat[None], self.mlm.eos_id)[0]  # (W,), non-decreasing
+        row_start = np.arange(len(a)) * n
+        first_a = np.searchsorted(doc, doc[row_start], "left")  # A's first document begins
+        after_a = np.searchsorted(doc, doc[row_start + a - 1], "right")  # A's last one ends
+        other_docs = _spans_outside(first_a, after_a, n - a, W, where)
+        other_rows = _spans_outside(row_start, row_start + n, n - a, W, where)
+        use_docs = other_docs[1]
+        return (np.where(use_docs, other_docs[0], other_rows[0]), use_docs | other_rows[1])
+
+    def pairs(self, content: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(``[CLS] P [SEP] Q [SEP]`` ids, segment ids) of rows of content whose first part P is
+        ``first`` tokens long."""
+        rows, n = content.shape
+        j = np.arange(n + 3)[None]
+        f = first[:, None]
+        at = np.clip(np.where(j <= f, j - 1, j - 2), 0, n - 1)  # content index (specials: any)
+        tokens = np.take_along_axis(content, np.broadcast_to(at, (rows, n + 3)), 1)
+        tokens = np.where((j == f + 1) | (j == n + 2), self.sep_id, tokens)
+        tokens = np.where(j == 0, self.cls_id, tokens).astype(np.int64)
+        return tokens, np.broadcast_to(j > f + 1, tokens.shape).astype(np.int64)
+
+
+def _spans_outside(lo: np.ndarray, hi: np.ndarray, length: np.ndarray, size: int,
+                   where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, whether there is one) per row: the span of ``length`` in ``[0, size)`` that misses
+    ``[lo, hi)``, the ``where`` (in [0, 1)) fraction of the way through all such starts."""
+    before = np.maximum(lo - length + 1, 0)  # starts 0..lo - length
+    after = np.maximum(size - length - hi + 1, 0)  # starts hi..size - length
+    k = (where * (before + after)).astype(np.int64)
+    return np.where(k < before, k, hi + k - before), before + after > 0
 
 
 def span_lengths(raw_len: int, noise_density: float, mean_span: float) -> tuple[int, int, int]:
@@ -267,12 +391,17 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
                     mask_prob: float = 0.15, noise_density: float = 0.15,
                     mean_span: float = 3.0, whole_word_masking: bool = False,
                     target_len: int | None = None, sft_loss_on: str = "completion",
-                    sft_packing: bool = True, num_labels: int | None = None) -> Objective:
+                    sft_packing: bool = True, num_labels: int | None = None,
+                    nsp: str | None = None) -> Objective:
     """The objective ``name`` over ``tokenizer``'s ids; ConfigError when the tokenizer lacks a
     token the objective needs (an older or foreign tokenizer without ``[MASK]`` or sentinels),
-    or for whole-word masking outside ``mlm``."""
+    or for whole-word masking outside ``mlm``. ``nsp`` (next | order): ``mlm`` on sentence
+    pairs (``SentencePairs``)."""
     if whole_word_masking and name != "mlm":
         raise ConfigError(f"data.whole_word_masking applies to data.objective=mlm, not {name}")
+    if nsp is not None:
+        return sentence_pairs(nsp, name, seq_len, tokenizer, doc_masking=doc_masking,
+                              mask_prob=mask_prob, whole_word_masking=whole_word_masking)
     if name == "clm":
         return CausalLM(seq_len, tokenizer.eos_id, doc_masking)
     if name == "mlm":
@@ -308,6 +437,27 @@ def build_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: boo
                               target_len=target_len, sft_loss_on=sft_loss_on,
                               sft_packing=sft_packing, num_labels=num_labels)
     raise ConfigError(f"data.objective={name} is not an objective; valid: {', '.join(OBJECTIVES)}")
+
+
+def sentence_pairs(mode: str, name: str, seq_len: int, tokenizer: Any, *, doc_masking: bool,
+                   mask_prob: float, whole_word_masking: bool) -> SentencePairs:
+    """``data.nsp=mode`` over ``data.objective=name``'s masked LM; ConfigError for another
+    objective, document masking, a tokenizer without [CLS] / [SEP], rows too short for a pair."""
+    if mode not in NSP_MODES:
+        raise ConfigError(f"data.nsp={mode} is not a sentence-pair task; valid: "
+                          f"{', '.join(NSP_MODES)} (or null: off)")
+    if name != "mlm":
+        raise ConfigError(f"data.nsp applies to data.objective=mlm, not {name}")
+    if doc_masking:
+        raise ConfigError("data.doc_masking does not apply with data.nsp: a sentence pair is "
+                          "one sequence (its B may come from another document)")
+    if tokenizer.cls_id < 0 or tokenizer.sep_id < 0:
+        raise ConfigError(f"data.nsp needs [CLS] and [SEP] tokens; {tokenizer.path} lacks them")
+    if seq_len < 5:
+        raise ConfigError(f"data.seq_len={seq_len} is too short for [CLS] A [SEP] B [SEP]")
+    mlm = build_objective(name, seq_len, tokenizer, mask_prob=mask_prob,
+                          whole_word_masking=whole_word_masking)
+    return SentencePairs(mlm, tokenizer.cls_id, tokenizer.sep_id, mode)
 
 
 def padded_batch(objective: Objective, rows: np.ndarray, real: np.ndarray,

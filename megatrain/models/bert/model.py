@@ -1,14 +1,21 @@
 """BERT: word + learned position + token-type embeddings, post-LayerNorm encoder blocks with exact
-GELU, and the masked-LM head (dense -> GELU -> LayerNorm -> decoder tied to the word embeddings).
+GELU, and its heads, as Hugging Face lays them out:
 
-The layout follows Hugging Face's BertForMaskedLM exactly (see ``megatrain.models.bert.hf``), so a
-checkpoint converts both ways and the logits match. Attention is bidirectional; padding and packed
-documents are masked through the shared attention backends.
+- the masked-LM head (dense -> GELU -> LayerNorm -> decoder tied to the word embeddings):
+  ``forward`` returns token logits (B, T, V), as ``BertForMaskedLM``;
+- with ``nsp``, also the pooler (dense -> tanh on the [CLS] position) and the 2-way
+  next-sentence head: ``(token logits (B, T, V), nsp logits (B, 2))``, as ``BertForPreTraining``;
+- with ``num_labels > 0``, the pooler, dropout and a classifier instead of the MLM head: class
+  logits (B, num_labels), as ``BertForSequenceClassification``.
+
+Each layout converts both ways with its Hugging Face class (see ``megatrain.models.bert.hf``)
+and the logits match. Attention is bidirectional; padding and packed documents are masked
+through the shared attention backends.
 
 ``norm_position="pre"`` builds the shared pre-norm ``Block`` instead (stabler at depth and at high
 learning rates). As in Megatron-LM's BERT it then drops the embedding LayerNorm and normalises once
 more after the last block (``ln_f``); the parameter count is unchanged. It has no BertForMaskedLM
-counterpart, so it cannot be exported.
+counterpart, so it cannot be exported (it trains with every head).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ class BertConfig(TransformerConfig):
     norm_eps: float = 1e-12
     dropout: float = 0.0
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | eager
+    # The task heads, set from the run's data (``registry.with_heads``), not from model.*:
+    num_labels: int = 0  # > 0: a sequence classifier over that many classes, no MLM head
+    nsp: bool = False  # the MLM head plus the pooler and a next-sentence (2-way) head
 
     def __post_init__(self) -> None:
         if self.norm_position not in NORM_POSITIONS:
@@ -44,12 +54,23 @@ class BertConfig(TransformerConfig):
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 1:
             raise ConfigError(f"model.type_vocab_size={self.type_vocab_size} must be a positive "
                               "integer")
+        if not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise ConfigError(f"num_labels={self.num_labels} must be a non-negative integer")
+        if self.num_labels and self.nsp:
+            raise ConfigError("a BERT model is a classifier (num_labels) or a next-sentence "
+                              "pretrainer (nsp), not both")
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the model has the pooler (classification and NSP read the pooled [CLS])."""
+        return self.num_labels > 0 or self.nsp
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count from the dims alone; the tied decoder weight is counted once.
 
         ``non_embedding`` leaves out the position and token-type tables (lookups, not matmuls);
-        the word embedding stays, as it is also the decoder's weight (the PaLM convention).
+        the word embedding stays when it is also the MLM decoder's weight (the PaLM convention),
+        and is left out too by a classifier, which only looks it up.
         """
         d, ff, L, V = self.d_model, self.d_ff, self.n_layers, self.vocab_size
         per_block = (
@@ -60,10 +81,20 @@ class BertConfig(TransformerConfig):
             + ff * d + d  # mlp.proj
             + 2 * d  # ln_2
         )
-        head = d * d + d + 2 * d + V  # head.dense, head.ln, head.decoder.bias
-        n = V * d + 2 * d + L * per_block + head  # tok_emb, emb_ln (post) or ln_f (pre), ...
+        mlm = 0 if self.num_labels else d * d + d + 2 * d + V  # head.dense, .ln, .decoder.bias
+        n = V * d + 2 * d + L * per_block + mlm + self.sequence_head_params()
+        # tok_emb, emb_ln (post) or ln_f (pre), blocks, heads
         lookups = (self.max_seq_len + self.type_vocab_size) * d  # pos_emb, type_emb
-        return n if non_embedding else n + lookups
+        if non_embedding:
+            return n - V * d if self.num_labels else n
+        return n + lookups
+
+    def sequence_head_params(self) -> int:
+        """Parameters that run once per sequence, not per token: the pooler and the classifier
+        or next-sentence head (none in a plain MLM)."""
+        d = self.d_model
+        pooler = d * d + d if self.pooled else 0
+        return pooler + (d + 1) * self.num_labels + (2 * d + 2 if self.nsp else 0)
 
 
 class PostNormBlock(nn.Module):
@@ -96,6 +127,17 @@ class MLMHead(nn.Module):
         return self.decoder(self.ln(F.gelu(self.dense(x))))
 
 
+class Pooler(nn.Module):
+    """Hugging Face's BertPooler: dense -> tanh on the first ([CLS]) position."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.dense(x[:, 0]))  # (B, C)
+
+
 def _block(config: BertConfig, attn_impl: str) -> nn.Module:
     d, eps = config.d_model, config.norm_eps
     attn = SelfAttention(d, config.n_heads, config.n_heads, attn_impl, config.dropout,
@@ -119,10 +161,16 @@ def init_bert_weights(model: nn.Module) -> None:
 
 
 class Bert(ModelBase[BertConfig]):
-    """BERT masked LM: ``forward(input_ids (B, T)) -> logits (B, T, V)`` at every position; no
-    loss inside (the trainer scores the masked positions only)."""
+    """BERT: ``forward(input_ids (B, T))`` -> MLM logits (B, T, V) at every position, or with
+    ``nsp`` (those, NSP logits (B, 2)), or with ``num_labels`` class logits (B, num_labels) (the
+    module docstring); no loss inside (the trainer scores the masked positions only)."""
 
-    lookup_tables = ("pos_emb", "type_emb")
+    head_modules = ("head", "pooler", "nsp_head", "classifier")
+
+    @property
+    def lookup_tables(self) -> tuple[str, ...]:  # type: ignore[override]
+        """A classifier has no decoder: its word embedding is a lookup as well."""
+        return ("pos_emb", "type_emb") + (("tok_emb",) if self.config.num_labels else ())
 
     def build(self) -> None:
         c = self.config
@@ -134,14 +182,22 @@ class Bert(ModelBase[BertConfig]):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(_block(c, self.attn_impl) for _ in range(c.n_layers))
         self.ln_f = nn.Identity() if post else nn.LayerNorm(d, eps=eps)
-        self.head = MLMHead(d, c.vocab_size, eps)
-        self.head.decoder.weight = self.tok_emb.weight  # tied
+        if not c.num_labels:
+            self.head = MLMHead(d, c.vocab_size, eps)
+            self.head.decoder.weight = self.tok_emb.weight  # tied
+        if c.pooled:
+            self.pooler = Pooler(d)
+        if c.nsp:
+            self.nsp_head = nn.Linear(d, 2)  # HF's cls.seq_relationship
+        if c.num_labels:
+            self.classifier = nn.Linear(d, c.num_labels)
 
     def reset_parameters(self) -> None:
         init_bert_weights(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                doc_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+                doc_ids: Tensor | None = None, token_type_ids: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
         ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting;
         ``token_type_ids`` (B, T): segments, all 0 when None (no sentence pairs in pretraining)."""
@@ -154,7 +210,13 @@ class Bert(ModelBase[BertConfig]):
         x = self.drop(self.emb_ln(x))
         for block in self.blocks:
             x = block(x, None, mask)  # (B, T, C)
-        return self.head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)
+        if self.config.num_labels:  # HF applies dropout to the pooled output, then classifies
+            return self.classifier(self.drop(self.pooler(x)))  # (B, num_labels)
+        logits = self.head(x)  # (B, T, V)
+        if self.config.nsp:
+            return logits, self.nsp_head(self.pooler(x))  # (B, 2): 0 = B follows A
+        return logits
 
 
 def build_bert(config: BertConfig, device: torch.device | str, dtype: torch.dtype) -> Bert:
@@ -164,6 +226,10 @@ def build_bert(config: BertConfig, device: torch.device | str, dtype: torch.dtyp
 
 def bert_flops_per_token(config: BertConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM's formula. The decoder runs at every
-    position (the model does not know which are masked), so its matmul is counted in full."""
-    return palm_flops_per_token(config.num_params(non_embedding=True), config.n_layers,
-                                config.d_model, seq_len)
+    position (the model does not know which are masked), so its matmul is counted in full; the
+    pooler and the classifier or NSP head run once per sequence, so theirs is spread over its
+    ``seq_len`` tokens."""
+    per_sequence = config.sequence_head_params()
+    return palm_flops_per_token(config.num_params(non_embedding=True) - per_sequence,
+                                config.n_layers, config.d_model, seq_len
+                                ) + 6.0 * per_sequence / seq_len

@@ -45,6 +45,9 @@ class ModelBase(nn.Module, Generic[ConfigT]):
     # Tables only looked up, never multiplied, that the family's FLOPs formula leaves out (GPT-2's
     # and BERT's learned positions, BERT's token types): ``num_params(non_embedding=True)`` too.
     lookup_tables: ClassVar[tuple[str, ...]] = ()
+    # Top-level submodules that are task heads (BERT's MLM head, pooler, NSP head, classifier):
+    # fine-tuning may add, drop or re-initialise them (``models.common.heads.fit_heads``).
+    head_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -27,31 +27,38 @@ class HFAdapter:
     """What the export CLI and ``model.init_from=hf:DIR`` need from one family."""
 
     model_type: str  # config.json's "model_type", e.g. "gpt2"
-    architecture: str  # the transformers class name, e.g. "GPT2LMHeadModel"
+    # the transformers class name, e.g. "GPT2LMHeadModel"; a family whose models differ in heads
+    # (BERT) names its plain model's, and its ``config_to_hf`` sets ``architectures`` itself
+    architecture: str
     config_to_hf: Callable[[Any], Any]
     config_from_hf: Callable[[Any], Any]
     state_dict_to_hf: Callable[[StateDict], StateDict]
     state_dict_from_hf: Callable[[StateDict], StateDict]
 
     def hf_config(self, config: Any) -> Any:
-        """``config_to_hf``, naming ``architecture`` as the class that loads it (config.json's
-        ``architectures``, which AutoModel and the Hub read)."""
+        """``config_to_hf``, naming the class that loads it (config.json's ``architectures``,
+        which AutoModel and the Hub read): ``architecture`` unless ``config_to_hf`` named one."""
         hf_config = self.config_to_hf(config)
-        hf_config.architectures = [self.architecture]
+        hf_config.architectures = hf_config.architectures or [self.architecture]
         return hf_config
+
+    def architecture_of(self, hf_config: Any) -> str:
+        """The transformers class name of an HF config made by :meth:`hf_config`."""
+        return (hf_config.architectures or [self.architecture])[0]
 
     def check_loads(self, hf_config: Any, hf_state_dict: StateDict) -> None:
         """Load ``hf_state_dict`` strictly into ``architecture`` built (on the meta device, so
         for free) from ``hf_config``: a name or shape transformers would not take is an error
         here, naming it, instead of a model that silently keeps random weights. (A copy of the
         config: building a model may set attributes on it.)"""
-        model_cls = getattr(import_transformers(), self.architecture)
+        architecture = self.architecture_of(hf_config)
+        model_cls = getattr(import_transformers(), architecture)
         with torch.device("meta"):
             model = model_cls(copy.deepcopy(hf_config))
         try:
             model.load_state_dict(hf_state_dict, strict=True, assign=True)
         except RuntimeError as e:
-            raise MegatrainError(f"the converted weights do not load into {self.architecture}: "
+            raise MegatrainError(f"the converted weights do not load into {architecture}: "
                                  + " ".join(str(e).split())) from e
 
 

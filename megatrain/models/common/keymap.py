@@ -45,8 +45,9 @@ class Rule:
     ``split`` makes the HF tensors (in ``hf`` order) of the megatrain one and ``join`` undoes it.
     With ``aliases`` the HF names hold one tensor, so any one of them is enough on the way in.
     ``tied_to`` (a megatrain name) marks a parameter that *is* another one: neither side reads
-    it, both write it as its source. ``fallback`` makes the tensor (of a name without ``*``)
-    from the converted ones when the HF side lacks it.
+    it, both write it as its source; with ``tied_if`` (a megatrain name) only when that one is
+    there too (a tied head that some models of the family lack). ``fallback`` makes the tensor
+    (of a name without ``*``) from the converted ones when the HF side lacks it.
     """
 
     mt: str
@@ -55,6 +56,7 @@ class Rule:
     join: Join = _first
     aliases: bool = False
     tied_to: str | None = None
+    tied_if: str | None = None
     fallback: Fallback | None = None
 
 
@@ -90,9 +92,10 @@ def aliased(mt: str, *hf: str) -> Rule:
     return Rule(mt, hf, split=lambda t: (t,) * len(hf), aliases=True)
 
 
-def tied(mt: str, hf: str, source: str) -> Rule:
-    """A parameter that is always ``source`` (a tied output head), on both sides."""
-    return Rule(mt, (hf,), tied_to=source)
+def tied(mt: str, hf: str, source: str, if_present: str | None = None) -> Rule:
+    """A parameter that is always ``source`` (a tied output head), on both sides; with
+    ``if_present`` (a megatrain name) only in models that have that parameter too."""
+    return Rule(mt, (hf,), tied_to=source, tied_if=if_present)
 
 
 def under(mt_prefix: str, hf_prefix: str, rules: Iterable[Rule]) -> tuple[Rule, ...]:
@@ -145,7 +148,7 @@ class KeyMap:
             rule, index = self._mt_rule(name)
             if rule.tied_to is None:
                 out.update(zip(_fills(rule.hf, index), rule.split(tensor), strict=True))
-        for rule, mt_source, hf_source in self._ties():
+        for rule, mt_source, hf_source in self._ties(sd):
             out[rule.hf[0]] = _tie_source(out, hf_source, mt_source, f"megatrain {self.name}")
         return out
 
@@ -161,7 +164,7 @@ class KeyMap:
                 found.setdefault((at, index), {}).setdefault(position, tensor)
         out = {_fill(self.rules[at].mt, index): self._join(self.rules[at], index, parts)
                for (at, index), parts in found.items()}
-        for rule, mt_source, hf_source in self._ties():
+        for rule, mt_source, hf_source in self._ties(out):
             out[rule.mt] = _tie_source(out, mt_source, hf_source, f"Hugging Face {self.name}")
         for rule in self.rules:
             if rule.fallback is not None and rule.mt not in out:
@@ -182,11 +185,12 @@ class KeyMap:
                     return at, position, _index(m)
         raise KeyError(f"not a Hugging Face {self.name} parameter name: {raw_name!r}")
 
-    def _ties(self) -> list[tuple[Rule, str, str]]:
-        """(tied rule, its source's megatrain name, its source's HF name) for each tie."""
+    def _ties(self, mt_sd: StateDict) -> list[tuple[Rule, str, str]]:
+        """(tied rule, its source's megatrain name, its source's HF name) for each tie that
+        applies to a model with the megatrain parameters ``mt_sd``."""
         ties = []
         for rule in self.rules:
-            if rule.tied_to is not None:
+            if rule.tied_to is not None and (rule.tied_if is None or rule.tied_if in mt_sd):
                 source, index = self._mt_rule(rule.tied_to)
                 ties.append((rule, rule.tied_to, _fill(source.hf[0], index)))
         return ties
