@@ -4,6 +4,7 @@ packing parity with a real GPT, exact and elastic resume, finite epochs, batch c
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from transformers.tokenization_python import PythonBackend
 
 from megatrain.data.manifest import Manifest
+from megatrain.data.prepare import prepare
 from megatrain.data.prepare.shard_writer import npy_bytes
+from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.data.stream.mixture import Source
 from megatrain.data.stream.objectives import IGNORE, build_objective
 from megatrain.data.stream.order import Doc
@@ -30,10 +33,10 @@ from megatrain.data.stream.tasks import (
 from megatrain.data.stream.train_stream import (
     TrainStream,
     build_train_stream,
-    check_task_format,
     estimate_batches,
     iter_eval_batches,
 )
+from megatrain.data.tokenizer import load_tokenizer
 from megatrain.errors import ConfigError, DataError
 from megatrain.models import GPTConfig, get_model_spec
 from tests.unit.stream_corpus import make_corpus
@@ -116,30 +119,32 @@ def test_the_reader_decodes_extra_members_and_skips_a_sample_whose_member_is_cor
     assert "b'two' is not a class id" in read.errors[2]
 
 
-def test_a_corrupt_extra_member_is_skipped_and_counted_in_the_stream(tmp_path: Path) -> None:
+def test_a_sample_with_a_corrupt_or_missing_member_is_skipped_and_counted(
+        tmp_path: Path) -> None:
     rows = sft_rows(12)
     rows[5] = Row(rows[5].key, rows[5].tokens, raw={"mask.npy": b"garbage"})
+    rows[7] = Row(rows[7].key, rows[7].tokens)  # no mask.npy
     manifest = write_task_corpus(tmp_path, "sft", rows, shards=2)
     s = stream(manifest, SupervisedLM(16, EOS, PAD), epochs=1)
     _, keys = drain(s)
-    assert sorted(keys) == sorted(r.key for r in rows if r.key != rows[5].key)
-    assert s.metrics()["data_skipped"] == 1
+    assert sorted(keys) == sorted(r.key for k, r in enumerate(rows) if k not in (5, 7))
+    assert s.metrics()["data_skipped"] == 2
+    strict = stream(manifest, SupervisedLM(16, EOS, PAD), epochs=1, max_skip_fraction=0.05)
+    with pytest.raises(DataError, match=r"train-00000\d.tar:s-[57]\.?\w*: .*(mask.npy|magic)"):
+        drain(strict)
+    # loss_on=all needs no mask: the sample without one is read
+    _, keys = drain(stream(manifest, SupervisedLM(16, EOS, PAD, "all"), epochs=1))
+    assert rows[7].key in keys and rows[5].key not in keys
 
 
-def test_a_pretraining_corpus_under_a_task_objective_stops_naming_the_missing_member(
-        tmp_path: Path) -> None:
-    manifest = make_corpus(tmp_path, [5] * 8, shards=2)
-    s = stream(manifest, SupervisedLM(16, EOS, PAD), max_skip_fraction=0.1)
-    with pytest.raises(DataError, match="no mask.npy member"):
-        drain(s, 1)
-
-
-def test_a_task_objective_refuses_a_corpus_of_another_format(tmp_path: Path) -> None:
-    manifest = write_task_corpus(tmp_path, "cls", cls_rows(6), labels=["a", "b", "c"])
-    manifest.task = {"format": "cls"}  # as Manifest.task reads it from manifest.json
-    check_task_format(manifest, Classification(8, CLS, SEP, PAD))
+def test_a_task_objective_refuses_a_pretraining_corpus_or_another_format(tmp_path: Path) -> None:
+    pretraining = make_corpus(tmp_path / "pre", [5] * 8, shards=2)
+    with pytest.raises(ConfigError, match="sft needs task data; .* is a pretraining corpus"):
+        stream(pretraining, SupervisedLM(16, EOS, PAD))
+    manifest = write_task_corpus(tmp_path / "cls", "cls", cls_rows(6), labels=["a", "b", "c"])
+    stream(manifest, Classification(8, CLS, SEP, PAD))
     with pytest.raises(ConfigError, match="data.objective=sft does not fit .*--format cls"):
-        check_task_format(manifest, SupervisedLM(8, EOS, PAD))
+        stream(manifest, SupervisedLM(8, EOS, PAD))
 
 
 # --- sft ---------------------------------------------------------------------------------------
@@ -479,3 +484,40 @@ def test_eval_batches_of_a_task_corpus(tmp_path: Path) -> None:
                                      world_size=1, objective=Classification(16, CLS, SEP, PAD)))
     assert [len(b["labels"]) for b in batches] == [4, 4, 1]
     assert torch.cat([b["labels"] for b in batches]).tolist() == [r.cls for r in rows]
+
+
+# --- with the real producer --------------------------------------------------------------------
+
+
+def test_the_stream_reads_what_megatrain_prepare_writes(tmp_path: Path) -> None:
+    texts = ["the quick brown fox jumps over the lazy dog", "a stunning film", "a dull plot",
+             "Translate: good morning", "guten Morgen", "Add 2 and 3.", "Said it."] * 3
+    tok = load_tokenizer(train_tokenizer(texts, tmp_path / "tokenizer.model", 450))
+    formats = {
+        "sft": ([{"prompt": "Add 2 and 3.", "completion": "5"},
+                 {"prompt": "Say it.", "completion": "Said it."}], ["5", "Said it."]),
+        "cls": ([{"text": "a stunning film", "label": "pos"},
+                 {"text_a": "a dull plot", "text_b": "guten Morgen", "label": "neg"}], [1, 0]),
+        "seq2seq": ([{"input": "Translate: good morning", "target": "guten Morgen"},
+                     {"input": "the quick", "target": "fox"}], ["guten Morgen", "fox"]),
+    }
+    for fmt, (rows, targets) in formats.items():
+        source = tmp_path / f"{fmt}.jsonl"
+        source.write_text("\n".join(json.dumps(r) for r in rows))
+        manifest = prepare(str(source), tmp_path / fmt, format=fmt, tokenizer=str(tok.path),
+                           workers=1, eval_fraction=0.0, progress=False)
+        obj = build_objective(fmt, 32, tok, num_labels=len(manifest.task.get("labels", [])))
+        (batch,), keys = drain(stream(manifest, obj, micro_batch_size=4, shuffle=False,
+                                      epochs=1))
+        assert len(keys) == 2
+        labels = batch["labels"].tolist()
+        if fmt == "cls":
+            assert labels == targets
+            assert batch["token_type_ids"][1].sum() == len(tok.encode("guten Morgen")) + 1
+            continue
+        if fmt == "sft":  # packed: one row, each completion and its EOS
+            docs = batch["doc_ids"][0].tolist()
+            labels = [[t for t, d in zip(labels[0], docs) if d == j] for j in (0, 1)]
+        for row, target in zip(labels, targets):
+            trained = [t for t in row if t != X]
+            assert trained[-1] == tok.eos_id and tok.decode(trained[:-1]) == target

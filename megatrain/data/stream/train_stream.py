@@ -464,14 +464,17 @@ def with_epochs(sources: Sequence[Source], epochs: int | None) -> tuple[Source, 
 
 
 def check_task_format(manifest: Manifest, objective: Objective) -> None:
-    """ConfigError when a task objective meets a corpus prepared for another task (the
-    manifest's ``task.format``, where it records one)."""
-    task = getattr(manifest, "task", None)
-    if not isinstance(objective, TaskObjective) or not isinstance(task, dict):
+    """ConfigError when a task objective meets a pretraining corpus or one prepared for another
+    task (the manifest's ``task.format``)."""
+    if not isinstance(objective, TaskObjective):
         return
-    if task.get("format") != objective.name:
+    if manifest.task is None:
+        raise ConfigError(f"data.objective={objective.name} needs task data; {manifest.root} is "
+                          f"a pretraining corpus (prepare one with megatrain-prepare --format "
+                          f"{objective.name})")
+    if manifest.task["format"] != objective.name:
         raise ConfigError(f"data.objective={objective.name} does not fit {manifest.root}: it "
-                          f"was prepared with --format {task.get('format')}")
+                          f"was prepared with --format {manifest.task['format']}")
 
 
 def _check_stream_args(
