@@ -104,8 +104,7 @@ def _wrong_family(source: str, family: str, run_family: str, num_labels: int, ns
     if num_labels or nsp:  # the run's family is the one that has the heads its data needs
         what = "data.objective=cls" if num_labels else "data.nsp"
         return (f"model.init_from={source} is a {family} model, but model.family={run_family} "
-                f"and {what} fine-tunes a {run_family} model; start from a {run_family} "
-                "checkpoint")
+                f"and {what} needs a {run_family} model; start from a {run_family} checkpoint")
     return (f"model.init_from={source} is a {family} model, but model.family={run_family}; "
             f"set model.family={family}")
 

@@ -446,7 +446,7 @@ def test_a_checkpoint_of_another_family_is_a_one_line_error(tokenizer_path: Path
     with pytest.raises(ConfigError) as err:
         pretrained_config(source, ModelConfig(family="bert"), VOCAB, num_labels=2)
     assert str(err.value) == (f"model.init_from={source} is a gpt model, but model.family=bert "
-                              "and data.objective=cls fine-tunes a bert model; start from a bert "
+                              "and data.objective=cls needs a bert model; start from a bert "
                               "checkpoint")
     with pytest.raises(ConfigError, match="is a gpt model, but model.family=bert; set "
                                           "model.family=gpt$"):
