@@ -413,3 +413,28 @@ def test_tokenizers_that_lack_what_the_format_needs(
                                         "message then one assistant message"):
         run(sft, tmp_path / "o", tokenizer=str(spm), format="sft", template="alpaca")
     assert not (tmp_path / "o").exists()
+
+
+RAISES = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+          "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+UNSTABLE = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}.{% endif %}{% endfor %}"
+MUTATES = "{{ messages.append(1) }}"  # the immutable sandbox refuses it: a template is data
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    (RAISES, r"chat\.jsonl:2: the chat template failed: no system role"),
+    (UNSTABLE, r"chat\.jsonl:1: .* up to assistant message 1 is not a prefix"),
+    (MUTATES, r"chat\.jsonl:1: the chat template failed: .*unsafe"),
+])
+def test_a_chat_template_that_fails_names_the_row(
+    tmp_path: Path, chatml: Path, template: str, message: str
+) -> None:
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(chatml.read_bytes())
+    (tmp_path / "tok" / "chat_template.jinja").write_text(template)  # before tokenizer_config
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    source = write_jsonl(tmp_path / "chat.jsonl", SFT_ROWS[:2])
+    with pytest.raises(DataError, match=message):
+        run(source, tmp_path / "o", tokenizer=str(tmp_path / "tok"), format="sft",
+            template="chat")
+    assert not (tmp_path / "o" / "manifest.json").exists()
