@@ -98,13 +98,18 @@ class ScheduleConfig:
 
 @dataclass
 class FinetuneConfig:
-    # Which parameters train: all | head | top:N (the top N blocks and the head) | name patterns
-    # (fnmatch, comma-separated, e.g. "blocks.1[01].*,head.*"). Frozen weights stay bit-identical.
+    # Which parameters train (megatrain/training/finetune.py): all | head (above the last block:
+    # final norm, LM / task heads; a tied LM head is the token embedding and stays frozen) |
+    # top:N (the top N blocks and the head; T5: of the encoder and of the decoder) | fnmatch
+    # name patterns; terms comma-separated, e.g. "top:2,tok_emb.*". Frozen weights stay
+    # bit-identical, under every ZeRO stage.
     trainable: str = "all"
-    # Stages instead of one setting: [{steps: 300, trainable: "top:2"}, {trainable: all}]; each
-    # stage but the last lasts its steps.
+    # Stages instead of trainable: [{steps: 300, trainable: "top:2"}, {trainable: all}]; each
+    # stage but the last lasts its steps (boundaries at cumulative steps), the last to the end.
     stages: Optional[list[Any]] = None
-    layer_decay: float = ranged(1.0, gt=0, le=1)  # layer-wise LR decay: block i of L gets lr·decay^(L-i)
+    # Layer-wise LR decay (ELECTRA / BEiT): block i of L (from 0) trains at lr·decay^(L-i), the
+    # head at lr, the embeddings at lr·decay^(L+1). 1: off.
+    layer_decay: float = ranged(1.0, gt=0, le=1)
 
 
 @dataclass

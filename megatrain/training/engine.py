@@ -12,9 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from megatrain.config.schema import Config, DeepSpeedConfig
+from megatrain.config.schema import Config, DeepSpeedConfig, FinetuneConfig
 from megatrain.config.validate import PRECISIONS, check_engine_setup
 from megatrain.errors import ConfigError
+from megatrain.training.finetune import (
+    FinetunePlan,
+    Finetuning,
+    describe,
+    finetune_plan,
+    frozen_groups_skipped,
+)
 from megatrain.training.schedule import lr_multiplier_of
 
 log = logging.getLogger("megatrain")
@@ -77,34 +84,43 @@ def deepspeed_config(cfg: Config, precision: str, world_size: int,
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step()`` can be made a no-op (``skip_next``): every DeepSpeed path
     (ZeRO 0-3, bf16, offload) ends in this step, so skipping here skips the update exactly —
-    weights, moments and step counts untouched — whatever wraps it."""
+    weights, moments and step counts untouched — whatever wraps it. For the same reason groups
+    flagged ``frozen`` (``finetune.*``) are left out here: see ``training/finetune.py``."""
 
     skip_next = False
+    finetune: Finetuning | None = None  # set by ``initialize_engine``
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         if self.skip_next:
             return None
-        return super().step(closure)
+        with frozen_groups_skipped(self):
+            return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> SkippableAdamW:
-    """AdamW; weight decay on matrices only (not on biases and norm gains)."""
+def _finetune_plan(model: nn.Module, cfg: Config) -> FinetunePlan:
+    return finetune_plan(model, getattr(cfg, "finetune", None) or FinetuneConfig())
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device,
+                    plan: FinetunePlan | None = None) -> SkippableAdamW:
+    """AdamW; weight decay on matrices only (not on biases and norm gains). Its groups are the
+    fine-tuning plan's (``finetune.*``): by default one of matrices and one of the rest."""
     o = cfg.optim
     if o.name != "adamw":
         raise ConfigError(f"optim.name={o.name!r} is not supported; valid: adamw")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return SkippableAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                          fused=device.type == "cuda")
+    plan = plan or _finetune_plan(model, cfg)
+    return SkippableAdamW(plan.optimizer_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                          eps=o.eps, fused=device.type == "cuda")
 
 
-def build_schedule(optimizer: torch.optim.Optimizer,
-                   cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier_of(cfg))
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config,
+                   plan: FinetunePlan | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule; with a fine-tuning plan one lambda per group (its layer-decay scale,
+    0 while frozen)."""
+    multiplier = lr_multiplier_of(cfg)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, multiplier if plan is None else plan.lr_lambdas(multiplier))
 
 
 def initialize_engine(model: nn.Module, cfg: Config, precision: str, world_size: int,
@@ -114,10 +130,15 @@ def initialize_engine(model: nn.Module, cfg: Config, precision: str, world_size:
     import deepspeed
 
     config = deepspeed_config(cfg, precision, world_size, load_universal)  # refuses bad ones first
-    optimizer = build_optimizer(model, cfg, device)
-    schedule = build_schedule(optimizer, cfg)
+    plan = _finetune_plan(model, cfg)  # before ZeRO-3 partitions the parameters
+    optimizer = build_optimizer(model, cfg, device, plan)
+    schedule = build_schedule(optimizer, cfg, plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=config)
+    optimizer.finetune = Finetuning(plan, optimizer)
+    summary = describe(plan)
+    if summary:
+        log.info("%s", summary)
     ds = cfg.deepspeed
     log.info("deepspeed: ZeRO stage %d%s%s, %s, %d rank(s)", ds.zero_stage,
              ", optimizer offload" if ds.offload_optimizer else "",
