@@ -371,8 +371,9 @@ def test_whole_word_masking_is_mlm_only_and_read_from_the_config(tokenizer_model
         register_configs()
         with initialize_config_module("megatrain.configs", version_base=None):
             cfg = compose("config", overrides=list(overrides))
-        trainer = SimpleNamespace(cfg=cfg, spec=get_model_spec(cfg.model.family),
-                                  tokenizer=load_tokenizer(tokenizer_model))
+        spec = get_model_spec(cfg.model.family)
+        trainer = SimpleNamespace(cfg=cfg, spec=spec, task=cfg.data.objective or spec.objective,
+                                  tokenizer=load_tokenizer(tokenizer_model), _num_labels=lambda: 0)
         return Trainer._build_objective(trainer)
 
     assert objective("model=bert-tiny").word_table is None  # off by default

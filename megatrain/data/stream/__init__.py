@@ -5,7 +5,9 @@
     shard_reader.py   one shard read with per-sample fault isolation (and remote retries)
     mixture.py        weighted sources
     packing.py        documents → fixed-size windows
-    objectives.py     a window → a model's batch (clm, mlm, span)
+    objectives.py     a window → a model's batch (clm, mlm, span, mlm + sentence pairs)
+    tasks.py          task samples → batches (sft, cls, seq2seq), whole samples per row
+    targets.py        what every objective's labels share (IGNORE)
     train_stream.py   readers in DataLoader workers → batches; its state for checkpoints
     trace.py          ``data.trace``: the documents each step consumed
 """

@@ -31,11 +31,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from megatrain.data.stream.targets import IGNORE
+from megatrain.data.stream.tasks import TASK_OBJECTIVES, build_task_objective
 from megatrain.data.tokenizer import WORD_ALONE, WORD_END, WORD_START
 from megatrain.errors import ConfigError
 
-OBJECTIVES = ("clm", "mlm", "span")
-IGNORE = -100
+OBJECTIVES = ("clm", "mlm", "span", *TASK_OBJECTIVES)
 _SPECIAL = 4  # MaskedLM's word table: a special token (never chosen)
 
 
@@ -481,17 +482,11 @@ def padded_batch(objective: Objective, rows: np.ndarray, real: np.ndarray,
 
 # --- task objectives (fine-tuning: megatrain.data.stream.tasks) -----------------------------
 
-TASK_OBJECTIVES = ("sft", "cls", "seq2seq")
-OBJECTIVES = (*OBJECTIVES, *TASK_OBJECTIVES)
-
-
 def task_objective(name: str, seq_len: int, tokenizer: Any, *, doc_masking: bool,
                    target_len: int | None, sft_loss_on: str, sft_packing: bool,
                    num_labels: int | None) -> Objective:
     """A task objective from the data config's bits: ``data.target_len`` (seq2seq),
     ``data.sft.loss_on`` / ``data.sft.packing`` (sft) and the manifest's label count (cls)."""
-    from megatrain.data.stream.tasks import build_task_objective  # tasks imports this module
-
     if doc_masking:
         raise ConfigError(f"data.doc_masking applies to clm and mlm, not {name} (packed sft rows "
                           "always attend within each sample)")

@@ -51,8 +51,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from megatrain.data.stream.objectives import IGNORE, TASK_OBJECTIVES
 from megatrain.data.stream.order import Doc, DocProducer
+from megatrain.data.stream.targets import IGNORE
 from megatrain.errors import ConfigError, DataError
 
 LOSS_ON = ("completion", "last_turn", "all")
@@ -330,6 +330,9 @@ class SamplePacker:
 
 
 # --- construction ---------------------------------------------------------------------------
+
+
+TASK_OBJECTIVES = ("sft", "cls", "seq2seq")
 
 
 def build_task_objective(name: str, seq_len: int, tokenizer: Any, *,
