@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatrain.config.schema import Config
 from megatrain.data.manifest import TASK_FORMATS
+from megatrain.data.prepare.templates import make_template, prompt_pieces
 from megatrain.data.stream.objectives import IGNORE, Objective, build_objective
 from megatrain.data.stream.trace import TraceWriter
 from megatrain.data.stream.train_stream import (
@@ -585,7 +586,7 @@ class Trainer:
         """Generate from the live model (every rank runs it: ZeRO-3 gathers weights collectively).
 
         A T5 model fills in a blank after the prompt: its input is the prompt, sentinel 0, EOS."""
-        prompt_ids = self.tokenizer.encode(prompt)
+        prompt_ids = self._prompt_ids(prompt)
         if self.objective.name == "span":
             prompt_ids += [self.tokenizer.sentinel_ids[0], self.tokenizer.eos_id]
         ids = torch.tensor([prompt_ids], device=self.device)
@@ -595,6 +596,13 @@ class Trainer:
                        eos_id=self.tokenizer.eos_id, generator=gen)
         self.engine.train()
         return self.tokenizer.decode(out[0].tolist())
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """``prompt`` as the model reads it: after SFT, rendered with the corpus's template."""
+        if self.task != "sft":
+            return self.tokenizer.encode(prompt)
+        template = make_template(self.train_manifest.task["template"] or "plain", self.tokenizer)
+        return [i for piece in prompt_pieces(template, prompt) for i in self.tokenizer.encode(piece)]
 
     def close(self) -> None:
         self.signals.restore()

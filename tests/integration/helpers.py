@@ -21,6 +21,7 @@ TINY = ["model=gpt2-tiny", "model.n_layers=2", "model.d_model=64", "model.n_head
         "model.d_ff=256", "data.seq_len=64", "trainer.micro_batch_size=4",
         "trainer.precision=fp32", "schedule.warmup_steps=5", "logger.wandb.mode=disabled",
         "logger.progress=false"]
+TINY_BERT = ["model=bert-tiny", *TINY[1:]]  # the same dims and settings, a BERT
 
 
 def _free_port() -> int:
@@ -107,9 +108,10 @@ def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 600,
 
 
 def train(run_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
-          torchrun: bool = False) -> subprocess.CompletedProcess[str]:
-    result = run_module("train", [*TINY, f"data.train={data_dir}", f"run.dir={run_dir}",
-                                  *overrides], nproc=nproc, torchrun=torchrun)
+          torchrun: bool = False, base: list[str] = TINY,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = run_module("train", [*base, f"data.train={data_dir}", f"run.dir={run_dir}",
+                                  *overrides], nproc=nproc, torchrun=torchrun, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")

@@ -23,6 +23,7 @@ is prompted with the prompt pieces alone.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -248,6 +249,13 @@ def template_digest(template: Template) -> str | None:
         return None
     state = json.dumps([template.source, template.special_tokens], sort_keys=True)
     return hashlib.sha256(state.encode()).hexdigest()
+
+
+def prompt_pieces(template: Template, prompt: str) -> list[str]:
+    """The pieces a model fine-tuned with ``template`` reads before its answer to ``prompt``
+    (generation's input: tokenize each piece on its own, as training did)."""
+    pieces = template.render({"prompt": prompt, "completion": "."}, "the prompt")
+    return [text for text, _ in itertools.takewhile(lambda piece: piece[1] == 0, pieces)]
 
 
 def make_template(name: str, tok: Tokenizer | None) -> Template:
