@@ -57,3 +57,24 @@ def cls_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_model: Path) -> 
 
     return _prepare_task(tmp_path_factory.mktemp("cls"), list(cls_rows()), tokenizer_model,
                          "cls")
+
+
+@pytest.fixture(scope="session")
+def uneven_docs(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str,
+                tokenizer_model: Path) -> Path:
+    """Slices of tinyshakespeare of 20 to 600 characters, prepared as one document each."""
+    import json
+    import random
+
+    from megatrain.data.prepare.pipeline import prepare
+
+    root = tmp_path_factory.mktemp("uneven")
+    rng, at, lines = random.Random(0), 0, []
+    while at < 120_000:
+        size = rng.randint(20, 600)
+        lines.append(json.dumps({"text": shakespeare_text[at : at + size]}))
+        at += size
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare(str(root / "docs.jsonl"), root / "prepared", tokenizer=str(tokenizer_model),
+            eval_fraction=0.05, progress=False)
+    return root / "prepared"

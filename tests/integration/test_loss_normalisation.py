@@ -2,13 +2,12 @@
 splitting the same rows into more micro-batches, or over more ranks, changes nothing.
 
 Documents of very different lengths with ``data.pack_whole_docs=true`` pad rows (label -100)
-unevenly, so micro-batches hold different numbers of labelled tokens: a mean of per-micro-batch
-means would weigh their tokens differently (this test fails with it)."""
+unevenly, and SFT rows label only their completions, so micro-batches hold different numbers of
+labelled tokens: a mean of per-micro-batch means would weigh their tokens differently (both
+tests fail with it)."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,8 @@ from tests.integration.helpers import losses, train
 
 pytestmark = pytest.mark.integration
 STEPS = 20
-COMMON = ("data.pack_whole_docs=true", "data.seq_len=128", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
+COMMON = ("data.seq_len=128", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
           "trainer.eval_every=1000", f"trainer.save_every={STEPS}", "optim.lr=3e-3")
-
-
-@pytest.fixture(scope="module")
-def uneven_docs(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str,
-                tokenizer_model: Path) -> Path:
-    """Slices of tinyshakespeare of 20 to 600 characters, prepared as one document each."""
-    from megatrain.data.prepare.pipeline import prepare
-
-    root = tmp_path_factory.mktemp("uneven")
-    rng, at, lines = random.Random(0), 0, []
-    while at < 120_000:
-        size = rng.randint(20, 600)
-        lines.append(json.dumps({"text": shakespeare_text[at : at + size]}))
-        at += size
-    (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prepare(str(root / "docs.jsonl"), root / "prepared", tokenizer=str(tokenizer_model),
-            eval_fraction=0.05, progress=False)
-    return root / "prepared"
 
 
 def _run(root: Path, name: str, data: Path, *overrides: str, nproc: int = 1) -> Path:
@@ -63,14 +44,30 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 def test_more_micro_batches_or_ranks_give_the_same_steps(tmp_path: Path,
                                                           uneven_docs: Path) -> None:
-    one = _run(tmp_path, "ga1-mb4", uneven_docs, "trainer.micro_batch_size=4")
-    four = _run(tmp_path, "ga4-mb1", uneven_docs, "trainer.micro_batch_size=1",
+    whole = "data.pack_whole_docs=true"
+    one = _run(tmp_path, "ga1-mb4", uneven_docs, whole, "trainer.micro_batch_size=4")
+    four = _run(tmp_path, "ga4-mb1", uneven_docs, whole, "trainer.micro_batch_size=1",
                 "trainer.grad_accum_steps=4")
     _assert_same_run(one, four)
     # The same rows on 2 ranks (2 per rank) and on 1 rank (1 per micro-batch, from 2 loader
     # workers taking turns, which read the 2 ranks' shares).
-    ranks = _run(tmp_path, "2ranks-mb2", uneven_docs, "trainer.micro_batch_size=2",
+    ranks = _run(tmp_path, "2ranks-mb2", uneven_docs, whole, "trainer.micro_batch_size=2",
                  "data.num_workers=1", nproc=2)
-    workers = _run(tmp_path, "1rank-ga4-mb1", uneven_docs, "trainer.micro_batch_size=1",
+    workers = _run(tmp_path, "1rank-ga4-mb1", uneven_docs, whole, "trainer.micro_batch_size=1",
                    "trainer.grad_accum_steps=4", "data.num_workers=2")
+    _assert_same_run(ranks, workers)
+
+
+def test_sft_steps_do_not_depend_on_how_rows_are_split(tmp_path: Path, sft_dir: Path,
+                                                       trained_gpt: Path) -> None:
+    """Packed SFT rows (completions labelled only): GA4 x MB2 = GA1 x MB8, 2 ranks = 1 rank."""
+    init = f"model.init_from={trained_gpt}"
+    eight = _run(tmp_path, "ga1-mb8", sft_dir, init, "trainer.micro_batch_size=8")
+    four = _run(tmp_path, "ga4-mb2", sft_dir, init, "trainer.micro_batch_size=2",
+                "trainer.grad_accum_steps=4")
+    _assert_same_run(eight, four)
+    ranks = _run(tmp_path, "2ranks-mb4", sft_dir, init, "trainer.micro_batch_size=4",
+                 "data.num_workers=1", nproc=2)
+    workers = _run(tmp_path, "1rank-ga2-mb4", sft_dir, init, "trainer.micro_batch_size=4",
+                   "trainer.grad_accum_steps=2", "data.num_workers=2")
     _assert_same_run(ranks, workers)
