@@ -144,6 +144,10 @@ class Trainer:
         if (eval_task["format"] if eval_task else None) != fmt:
             raise ConfigError(f"data.eval={data.eval} is not the same kind of data as data.train="
                               f"{data.train} ({fmt or 'pretraining'})")
+        if fmt == "cls" and eval_task["labels"] != self.train_manifest.task["labels"]:
+            raise ConfigError(f"data.eval={data.eval} names its classes {eval_task['labels']}, "
+                              f"data.train={data.train} {self.train_manifest.task['labels']}: "
+                              "prepare both with the same --labels")
         if fmt and name != fmt:
             raise ConfigError(f"data.train={data.train} is {fmt} task data (megatrain-prepare "
                               f"--format {fmt}); data.objective={name} cannot train on it")
@@ -183,7 +187,8 @@ class Trainer:
             load_pretrained_weights(model, init_state, cfg.model.init_from)
             log.info("model initialised from %s", cfg.model.init_from)
         torch.manual_seed(cfg.trainer.seed + self.world.rank)  # per-rank dropout streams
-        log.info("model: %s %s, %.2fM parameters", cfg.model.family, cfg.model.size or "custom",
+        log.info("model: %s %s, %.2fM parameters", cfg.model.family,
+                 f"from {cfg.model.init_from}" if cfg.model.init_from else cfg.model.size or "custom",
                  sum(p.numel() for p in model.parameters()) / 1e6)
         t = cfg.trainer
         return model_cfg, apply_transforms(model, t.activation_checkpointing, t.compile)

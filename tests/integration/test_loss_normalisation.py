@@ -18,7 +18,7 @@ from tests.integration.helpers import losses, train
 pytestmark = pytest.mark.integration
 STEPS = 20
 COMMON = ("data.seq_len=128", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
-          "trainer.eval_every=1000", f"trainer.save_every={STEPS}", "optim.lr=3e-3")
+          "trainer.eval_every=1000", f"trainer.save_every={STEPS}")
 
 
 def _run(root: Path, name: str, data: Path, *overrides: str, nproc: int = 1) -> Path:
@@ -44,16 +44,16 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 def test_more_micro_batches_or_ranks_give_the_same_steps(tmp_path: Path,
                                                           uneven_docs: Path) -> None:
-    whole = "data.pack_whole_docs=true"
-    one = _run(tmp_path, "ga1-mb4", uneven_docs, whole, "trainer.micro_batch_size=4")
-    four = _run(tmp_path, "ga4-mb1", uneven_docs, whole, "trainer.micro_batch_size=1",
+    padded = "data.pack_whole_docs=true", "optim.lr=3e-3"
+    one = _run(tmp_path, "ga1-mb4", uneven_docs, *padded, "trainer.micro_batch_size=4")
+    four = _run(tmp_path, "ga4-mb1", uneven_docs, *padded, "trainer.micro_batch_size=1",
                 "trainer.grad_accum_steps=4")
     _assert_same_run(one, four)
     # The same rows on 2 ranks (2 per rank) and on 1 rank (1 per micro-batch, from 2 loader
     # workers taking turns, which read the 2 ranks' shares).
-    ranks = _run(tmp_path, "2ranks-mb2", uneven_docs, whole, "trainer.micro_batch_size=2",
+    ranks = _run(tmp_path, "2ranks-mb2", uneven_docs, *padded, "trainer.micro_batch_size=2",
                  "data.num_workers=1", nproc=2)
-    workers = _run(tmp_path, "1rank-ga4-mb1", uneven_docs, whole, "trainer.micro_batch_size=1",
+    workers = _run(tmp_path, "1rank-ga4-mb1", uneven_docs, *padded, "trainer.micro_batch_size=1",
                    "trainer.grad_accum_steps=4", "data.num_workers=2")
     _assert_same_run(ranks, workers)
 
@@ -61,13 +61,13 @@ def test_more_micro_batches_or_ranks_give_the_same_steps(tmp_path: Path,
 def test_sft_steps_do_not_depend_on_how_rows_are_split(tmp_path: Path, sft_dir: Path,
                                                        trained_gpt: Path) -> None:
     """Packed SFT rows (completions labelled only): GA4 x MB2 = GA1 x MB8, 2 ranks = 1 rank."""
-    init = f"model.init_from={trained_gpt}"
-    eight = _run(tmp_path, "ga1-mb8", sft_dir, init, "trainer.micro_batch_size=8")
-    four = _run(tmp_path, "ga4-mb2", sft_dir, init, "trainer.micro_batch_size=2",
+    sft = f"model.init_from={trained_gpt}", "optim.lr=1e-3"
+    eight = _run(tmp_path, "ga1-mb8", sft_dir, *sft, "trainer.micro_batch_size=8")
+    four = _run(tmp_path, "ga4-mb2", sft_dir, *sft, "trainer.micro_batch_size=2",
                 "trainer.grad_accum_steps=4")
     _assert_same_run(eight, four)
-    ranks = _run(tmp_path, "2ranks-mb4", sft_dir, init, "trainer.micro_batch_size=4",
+    ranks = _run(tmp_path, "2ranks-mb4", sft_dir, *sft, "trainer.micro_batch_size=4",
                  "data.num_workers=1", nproc=2)
-    workers = _run(tmp_path, "1rank-ga2-mb4", sft_dir, init, "trainer.micro_batch_size=4",
+    workers = _run(tmp_path, "1rank-ga2-mb4", sft_dir, *sft, "trainer.micro_batch_size=4",
                    "trainer.grad_accum_steps=2", "data.num_workers=2")
     _assert_same_run(ranks, workers)

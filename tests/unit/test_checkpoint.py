@@ -13,8 +13,8 @@ from megatrain.data.tokenizer import HFTokenizer, load_tokenizer
 from megatrain.errors import ConfigError
 from megatrain.training.checkpoint import (
     CheckpointError,
-    prune,
     find_checkpoint,
+    prune,
     resolve_checkpoint_path,
     save_checkpoint,
     verify_checkpoint,

@@ -9,6 +9,7 @@ import hashlib
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,20 @@ SENTINELS = tuple(range(10, 110))
 TOKENIZER = SimpleNamespace(unk_id=0, bos_id=1, eos_id=EOS, pad_id=3, cls_id=4, sep_id=5,
                             mask_id=MASK, sentinel_ids=list(SENTINELS), vocab_size=VOCAB,
                             path="tok.model")
+
+
+def _resumes_exactly(stream: Any) -> list[dict[str, torch.Tensor]]:
+    """6 batches of ``stream()`` straight through, checked against 3, a save, a fresh stream
+    loading it, and 3 more."""
+    straight = list(islice(iter(stream()), 6))
+    first = stream()
+    head = list(islice(iter(first), 3))
+    resumed = stream()
+    resumed.load_state_dict(first.state_dict())
+    tail = list(islice(iter(resumed), 3))
+    for a, b in zip(straight, head + tail, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight
 
 
 def _window(n: int, seed: int = 0) -> np.ndarray:
@@ -144,14 +159,7 @@ def test_stream_resumes_random_objectives_exactly(prepared: Manifest, name: str)
         return build_train_stream(prepared, seq_len=32, micro_batch_size=2, seed=7, rank=0,
                                   world_size=1, num_workers=0, objective=objective)
 
-    straight = list(islice(iter(stream()), 6))
-    first = stream()
-    head = list(islice(iter(first), 3))
-    resumed = stream()
-    resumed.load_state_dict(first.state_dict())
-    tail = list(islice(iter(resumed), 3))
-    for a, b in zip(straight, head + tail, strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = _resumes_exactly(stream)
     assert not torch.equal(straight[0]["input_ids"], straight[1]["input_ids"])
 
 
@@ -587,14 +595,7 @@ def test_sentence_pairs_resume_exactly_and_refuse_whole_document_rows(prepared: 
         return build_train_stream(prepared, seq_len=32, micro_batch_size=4, seed=7, rank=0,
                                   world_size=1, num_workers=0, objective=objective, **kwargs)
 
-    straight = list(islice(iter(stream()), 6))
-    first = stream()
-    head = list(islice(iter(first), 3))
-    resumed = stream()
-    resumed.load_state_dict(first.state_dict())
-    tail = list(islice(iter(resumed), 3))
-    for a, b in zip(straight, head + tail, strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = _resumes_exactly(stream)
     assert 0 < sum(b["nsp_labels"].sum().item() for b in straight) < 6 * 4
     with pytest.raises(ConfigError, match="pack_whole_docs supports clm and mlm, not mlm\\+nsp"):
         stream(pack_whole_docs=True)

@@ -14,7 +14,8 @@ from megatrain.training.trainer import Trainer
 
 
 def _task(family: str, corpus_format: str | None, **data: object) -> str:
-    manifest = SimpleNamespace(task={"format": corpus_format} if corpus_format else None)
+    task = {"format": corpus_format, "labels": ["a", "b"]} if corpus_format else None
+    manifest = SimpleNamespace(task=task)
     cfg = SimpleNamespace(data=DataConfig(train="DATA", **data),
                           model=SimpleNamespace(family=family))
     trainer = SimpleNamespace(cfg=cfg, spec=get_model_spec(family), train_manifest=manifest,
@@ -55,4 +56,15 @@ def test_eval_data_of_another_kind_stops_the_run() -> None:
                               eval_manifest=SimpleNamespace(task=None))
     with pytest.raises(ConfigError, match="data.eval=EVAL is not the same kind of data as "
                                           "data.train=DATA \\(sft\\)"):
+        Trainer._task(trainer)
+
+
+def test_cls_eval_data_must_name_the_same_classes() -> None:
+    cfg = SimpleNamespace(data=DataConfig(train="DATA", eval="EVAL"),
+                          model=SimpleNamespace(family="bert"))
+    trainer = SimpleNamespace(
+        cfg=cfg, spec=get_model_spec("bert"),
+        train_manifest=SimpleNamespace(task={"format": "cls", "labels": ["neg", "pos"]}),
+        eval_manifest=SimpleNamespace(task={"format": "cls", "labels": ["neg", "neu", "pos"]}))
+    with pytest.raises(ConfigError, match="data.eval=EVAL names its classes .*same --labels"):
         Trainer._task(trainer)

@@ -339,14 +339,13 @@ def build_task_objective(name: str, seq_len: int, tokenizer: Any, *,
                          target_len: int | None = None, loss_on: str = "completion",
                          packing: bool = True, num_labels: int | None = None) -> TaskObjective:
     """The task objective ``name`` over ``tokenizer``'s ids; ConfigError naming the token it
-    lacks (sft: a pad token other than EOS; cls: [CLS], [SEP] and pad; seq2seq: pad)."""
+    lacks (cls: [CLS], [SEP] and pad; seq2seq: pad). sft pads with the pad token, or with EOS
+    where there is none (GPT-2's tokenizer): labels come from the samples' masks, never from
+    token ids, so padding is never a target and EOS always is."""
     path = getattr(tokenizer, "path", "the tokenizer")
     if name == "sft":
-        if tokenizer.pad_id < 0 or tokenizer.pad_id == tokenizer.eos_id:
-            raise ConfigError(f"data.objective=sft needs a pad token other than EOS (EOS is "
-                              f"trained on); {path} has pad_id={tokenizer.pad_id}, eos_id="
-                              f"{tokenizer.eos_id}")
-        return SupervisedLM(seq_len, tokenizer.eos_id, tokenizer.pad_id, loss_on, packing)
+        filler = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+        return SupervisedLM(seq_len, tokenizer.eos_id, filler, loss_on, packing)
     if name == "cls":
         missing = [t for t, i in (("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id),
                                   ("pad", tokenizer.pad_id)) if i < 0]

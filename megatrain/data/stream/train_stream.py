@@ -576,22 +576,11 @@ def _rows(objective: Objective, samples: int, tokens: float, whole: bool) -> flo
     return min(most, math.ceil(used / (capacity - waste)))
 
 
-def estimate_batches_per_epoch(
-    sources: Manifest | Sequence[Source],
-    objective: Objective,
-    *,
-    micro_batch_size: int,
-    world_size: int,
-    num_workers: int,
-    epochs: int = 1,
-    split: str = "train",
-    pack_whole_docs: bool = False,
-) -> float:
+def estimate_batches_per_epoch(sources: Manifest | Sequence[Source], objective: Objective, *,
+                               epochs: int = 1, **layout: Any) -> float:
     """The micro-batches per epoch of the rank that yields the most, averaged over ``epochs``
     epochs (``estimate_batches``): what a schedule over ``epochs`` epochs should plan for."""
-    count = estimate_batches(sources, objective, micro_batch_size=micro_batch_size,
-                             world_size=world_size, num_workers=num_workers, epochs=epochs,
-                             split=split, pack_whole_docs=pack_whole_docs)
+    count = estimate_batches(sources, objective, epochs=epochs, **layout)
     return max(count.per_rank) / epochs
 
 
