@@ -106,8 +106,8 @@ def test_classification_beats_the_majority_and_exports(tmp_path: Path, prepared_
 def test_nsp_pretraining_on_two_ranks(tmp_path: Path, uneven_docs: Path) -> None:
     """MLM + next-sentence prediction under ZeRO-2 on 2 ranks: both losses are logged, the MLM
     loss falls, and the exported BertForPreTraining's two heads give
-    megatrain's logits. (The NSP loss of a model this small barely moves in 40 steps — nor does
-    transformers' on the same batches —; docs/finetuning.md has a longer run where it falls.)"""
+    megatrain's logits. (The NSP loss of a model this small barely moves in 40 steps, nor does
+    transformers' on the same batches: docs/finetuning.md, "How fast NSP learns".)"""
     from transformers import BertForPreTraining
 
     run, hf = tmp_path / "nsp", tmp_path / "hf"
