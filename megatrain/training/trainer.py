@@ -123,7 +123,7 @@ class Trainer:
         wandb_id = self._maybe_resume()
         self._saved_step = self.progress.step if self.resume_from else None
         self.best = BestTracker.load(self.run_dir / "checkpoints", cfg.trainer.keep_best,
-                                     eval_metric_names(self.objective.name, bool(cfg.data.nsp))
+                                     eval_metric_names(self.task, bool(cfg.data.nsp))
                                      ) if cfg.trainer.keep_best else None
         self.trace = TraceWriter(self.run_dir, world.rank, world.world_size,
                                  self.progress.step) if cfg.data.trace else None
@@ -134,7 +134,7 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def _task(self) -> str | None:
+    def _task(self) -> str:
         """The objective of the run's data: ``data.objective``, else the task corpus's format,
         else the family's pretraining objective — checked against the corpus and the family."""
         data, family = self.cfg.data, self.cfg.model.family

@@ -17,6 +17,10 @@ import pytest
 import torch
 
 from megatrain.data.manifest import Manifest
+from megatrain.data.stream.objectives import build_objective
+from megatrain.data.stream.trace import read_traces
+from megatrain.data.stream.train_stream import estimate_batches_per_epoch
+from megatrain.data.tokenizer import load_tokenizer
 from megatrain.training.pretrained import load_trained_model
 from tests.integration.helpers import TINY_BERT, env_for_tests, metrics, train
 
@@ -142,17 +146,22 @@ def test_epochs_see_every_sample_three_times_across_a_preemption(tmp_path: Path,
     args = (f"model.init_from={trained_gpt}", "trainer.epochs=3", "data.trace=true",
             "trainer.micro_batch_size=8", "trainer.eval_every=1000000", "trainer.log_every=1",
             "trainer.save_every=1000000")
-    env = env_for_tests() | {"MEGATRAIN_FAULT_PREEMPT": "20"}
+    manifest = Manifest.load(sft_dir)
+    objective = build_objective("sft", SEQ_LEN, load_tokenizer(manifest.tokenizer_path))
+    per_epoch = estimate_batches_per_epoch(manifest, objective, micro_batch_size=8,
+                                           world_size=2, num_workers=1, epochs=3)
+    preempt = round(1.5 * per_epoch)
+    env = env_for_tests() | {"MEGATRAIN_FAULT_PREEMPT": str(preempt)}
     stopped = train(run, sft_dir, *args, nproc=2, check=False, env=env)
-    assert stopped.returncode != 0 and (run / "checkpoints" / "step_20").is_dir()
+    assert stopped.returncode != 0 and (run / "checkpoints" / f"step_{preempt}").is_dir()
     train(run, sft_dir, *args, nproc=2)
-    keys = Counter()
-    for trace in (run / "data_trace").glob("rank*.jsonl"):
-        for line in trace.read_text().splitlines():
-            keys.update(json.loads(line)["keys"])
-    samples = sum(shard.samples for shard in Manifest.load(sft_dir).shards("train"))
+    traces = read_traces(run)
+    at_stop = {e for lines in traces.values() for line in lines if line["step"] == preempt
+               for e in line["epochs"]}
+    assert at_stop == {1}, at_stop  # the run stopped inside the second epoch (index 1)
+    keys = Counter(key for lines in traces.values() for line in lines for key in line["keys"])
+    samples = sum(shard.samples for shard in manifest.shards("train"))
     assert len(keys) == samples and set(keys.values()) == {3}
-    assert max(row["step"] for row in metrics(run) if "loss" in row) > 20
 
 
 def test_a_checkpoint_of_another_family_stops_a_fine_tune(tmp_path: Path, trained_gpt: Path,
