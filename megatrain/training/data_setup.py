@@ -3,6 +3,7 @@ preparing on first use, and how their shards are fetched."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from megatrain.data.prepare.pipeline import ensure_prepared, prepare_once
 from megatrain.data.stream.shard_reader import ShardIO
 from megatrain.data.tokenizer.files import find_tokenizer_file
 from megatrain.distributed import World
+from megatrain.errors import ConfigError
 
 EMBEDDED_SOURCES = ("stdlib",)
 DEMO_EVAL_FRACTION = 0.1
+log = logging.getLogger("megatrain")
 
 
 def cache_dir(data_cfg: DataConfig) -> Path:
@@ -39,6 +42,28 @@ def init_tokenizer_file(init_from: str) -> Path:
     if init_from.startswith(HF_PREFIX):
         return find_tokenizer_file(hf_directory(init_from.removeprefix(HF_PREFIX)))
     return find_tokenizer_file(resolve_checkpoint_path(Path(init_from)))
+
+
+def check_same_tokenizer(init_from: str, manifest: Manifest) -> None:
+    """Stop a run whose ``model.init_from`` checkpoint was trained with another tokenizer than
+    the corpus was prepared with: the model would silently read the wrong ids. A megatrain
+    checkpoint carries its exact tokenizer file, so a different sha256 is a different tokenizer;
+    a Hugging Face folder may hold an equivalent file in another format, so there it is a
+    warning."""
+    expected = manifest.tokenizer.get("sha256")
+    if not expected:
+        return
+    folder = init_tokenizer_file(init_from).parent
+    files = [folder / name for name in ("tokenizer.model", "tokenizer.json")]
+    if any(f.is_file() and sha256_file(f) == expected for f in files):
+        return
+    message = (f"model.init_from={init_from} was trained with another tokenizer than "
+               f"data.train={manifest.root} was prepared with; prepare the data with "
+               f"megatrain-prepare --tokenizer {init_from.removeprefix('hf:')}")
+    if init_from.startswith("hf:"):
+        log.warning("%s (the files differ; fine only if they are the same vocabulary)", message)
+        return
+    raise ConfigError(message)
 
 
 def _demo_task(name: str, data_cfg: DataConfig, init_from: str | None, workers: int) -> Path:

@@ -41,7 +41,7 @@ from megatrain.models.generation import generate
 from megatrain.models.registry import get_model_spec, resolve_model_config, with_heads
 from megatrain.training import checkpoint as ckpt
 from megatrain.training.best import BestTracker
-from megatrain.training.data_setup import resolve_train_data, shard_io
+from megatrain.training.data_setup import check_same_tokenizer, resolve_train_data, shard_io
 from megatrain.training.engine import initialize_engine, resolve_precision
 from megatrain.training.epochs import EpochPlan, FiniteBatches
 from megatrain.training.fault_injection import FaultInjection
@@ -174,6 +174,7 @@ class Trainer:
         if cfg.model.init_from:
             model_cfg, init_state = pretrained_config(cfg.model.init_from, cfg.model, vocab_size,
                                                       weights=self.resume_from is None, **heads)
+            check_same_tokenizer(cfg.model.init_from, self.train_manifest)
         else:
             model_cfg = with_heads(resolve_model_config(cfg.model, vocab_size=vocab_size),
                                    **heads)

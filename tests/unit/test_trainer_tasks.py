@@ -68,3 +68,33 @@ def test_cls_eval_data_must_name_the_same_classes() -> None:
         eval_manifest=SimpleNamespace(task={"format": "cls", "labels": ["neg", "neu", "pos"]}))
     with pytest.raises(ConfigError, match="data.eval=EVAL names its classes .*same --labels"):
         Trainer._task(trainer)
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_stops_the_run(tmp_path) -> None:
+    """The corpus's tokenizer (its manifest's sha256) must be the one init_from was trained with:
+    an error for a megatrain checkpoint, a warning for a Hugging Face folder."""
+    import hashlib
+    import logging
+
+    from megatrain.training.data_setup import check_same_tokenizer
+
+    for name in ("ckpt", "hf"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text('{"model": "A"}')
+        (tmp_path / name / "meta.json").write_text("{}")
+    same = hashlib.sha256(b'{"model": "A"}').hexdigest()
+    corpus = SimpleNamespace(tokenizer={"sha256": same}, root="DATA")
+    check_same_tokenizer(str(tmp_path / "ckpt"), corpus)
+    other = SimpleNamespace(tokenizer={"sha256": "0" * 64}, root="DATA")
+    with pytest.raises(ConfigError, match="was trained with another tokenizer than data.train=DATA"):
+        check_same_tokenizer(str(tmp_path / "ckpt"), other)
+    logger = logging.getLogger("megatrain")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        check_same_tokenizer(f"hf:{tmp_path / 'hf'}", other)
+    finally:
+        logger.removeHandler(handler)
+    assert any("another tokenizer" in r.getMessage() for r in records)
