@@ -42,32 +42,29 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert gap / size < 1e-5
 
 
-def test_more_micro_batches_or_ranks_give_the_same_steps(tmp_path: Path,
-                                                          uneven_docs: Path) -> None:
-    padded = "data.pack_whole_docs=true", "optim.lr=3e-3"
-    one = _run(tmp_path, "ga1-mb4", uneven_docs, *padded, "trainer.micro_batch_size=4")
-    four = _run(tmp_path, "ga4-mb1", uneven_docs, *padded, "trainer.micro_batch_size=1",
+def _assert_steps_do_not_depend_on_the_split(root: Path, data: Path, rows: int,
+                                             *common: str) -> None:
+    """``rows`` per step as 1 micro-batch or 4 (grad accumulation), and as 2 ranks of half or 1
+    rank whose 2 loader workers take turns reading the 2 ranks' shares: the same steps."""
+    one = _run(root, "ga1", data, *common, f"trainer.micro_batch_size={rows}")
+    four = _run(root, "ga4", data, *common, f"trainer.micro_batch_size={rows // 4}",
                 "trainer.grad_accum_steps=4")
     _assert_same_run(one, four)
-    # The same rows on 2 ranks (2 per rank) and on 1 rank (1 per micro-batch, from 2 loader
-    # workers taking turns, which read the 2 ranks' shares).
-    ranks = _run(tmp_path, "2ranks-mb2", uneven_docs, *padded, "trainer.micro_batch_size=2",
-                 "data.num_workers=1", nproc=2)
-    workers = _run(tmp_path, "1rank-ga4-mb1", uneven_docs, *padded, "trainer.micro_batch_size=1",
-                   "trainer.grad_accum_steps=4", "data.num_workers=2")
+    half = f"trainer.micro_batch_size={rows // 2}"
+    ranks = _run(root, "2ranks", data, *common, half, "data.num_workers=1", nproc=2)
+    workers = _run(root, "1rank-2workers", data, *common, half, "trainer.grad_accum_steps=2",
+                   "data.num_workers=2")
     _assert_same_run(ranks, workers)
+
+
+def test_more_micro_batches_or_ranks_give_the_same_steps(tmp_path: Path,
+                                                          uneven_docs: Path) -> None:
+    _assert_steps_do_not_depend_on_the_split(tmp_path, uneven_docs, 4,
+                                             "data.pack_whole_docs=true", "optim.lr=3e-3")
 
 
 def test_sft_steps_do_not_depend_on_how_rows_are_split(tmp_path: Path, sft_dir: Path,
                                                        trained_gpt: Path) -> None:
     """Packed SFT rows (completions labelled only): GA4 x MB2 = GA1 x MB8, 2 ranks = 1 rank."""
-    sft = f"model.init_from={trained_gpt}", "optim.lr=1e-3"
-    eight = _run(tmp_path, "ga1-mb8", sft_dir, *sft, "trainer.micro_batch_size=8")
-    four = _run(tmp_path, "ga4-mb2", sft_dir, *sft, "trainer.micro_batch_size=2",
-                "trainer.grad_accum_steps=4")
-    _assert_same_run(eight, four)
-    ranks = _run(tmp_path, "2ranks-mb4", sft_dir, *sft, "trainer.micro_batch_size=4",
-                 "data.num_workers=1", nproc=2)
-    workers = _run(tmp_path, "1rank-ga2-mb4", sft_dir, *sft, "trainer.micro_batch_size=4",
-                   "trainer.grad_accum_steps=2", "data.num_workers=2")
-    _assert_same_run(ranks, workers)
+    _assert_steps_do_not_depend_on_the_split(tmp_path, sft_dir, 8,
+                                             f"model.init_from={trained_gpt}", "optim.lr=1e-3")

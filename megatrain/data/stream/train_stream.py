@@ -14,9 +14,9 @@ counted (``data_dropped``).
 
 Epochs. ``epochs=N`` reads every source for exactly N epochs, then the iterator ends (a reader's
 rows run on from one epoch into the next, so the last micro-batch may have fewer rows, and ranks
-may end at different micro-batches: ``TrainStream.exhausted``; the concatenating packer leaves
-out a reader's last partial row). ``estimate_batches`` tells from the manifest's counts how many
-micro-batches each rank yields. Without ``epochs`` the stream is infinite.
+may end at different micro-batches: the trainer's ``epochs.FiniteBatches`` has them agree; the
+concatenating packer leaves out a reader's last partial row). ``estimate_batches`` tells from
+the manifest's counts how many micro-batches each rank yields. Without ``epochs`` the stream is infinite.
 
 State. A reader's state is its remaining work: per source, the pieces of the global order it
 still has to read (the first one possibly a token offset into a half-read document), then whole
@@ -227,7 +227,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 class TrainStream:
     """This rank's stream of micro-batches (the objective's dict of LongTensors (B, ...)):
-    infinite, or ending after ``config.epochs`` epochs (then ``exhausted`` turns True).
+    infinite, or ending after ``config.epochs`` epochs.
 
     ``state_dict()`` is the position after the last batch handed out; a fresh stream given it by
     ``load_state_dict()`` continues with exactly the batches an uninterrupted one would yield.
@@ -246,8 +246,6 @@ class TrainStream:
         self._bad_shards: dict[str, str] = {}
         self._dropped = 0  # task samples with nothing to train on
         self._turn = 0  # the local reader that serves the next batch
-        self.exhausted = False
-        """True once the iterator has ended (``config.epochs`` read; the trainer's cue)."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.config
@@ -265,7 +263,6 @@ class TrainStream:
             self._turn = (local + 1) % cfg.readers_per_rank  # a reader that has ended is skipped
             self._account(info)
             yield batch
-        self.exhausted = True
         if cfg.epochs is not None:
             return
         names = ", ".join(f"{s.name} ({s.epochs} epochs)" for s in cfg.sources)
@@ -325,14 +322,6 @@ class TrainStream:
             "dropped": self._dropped,
         }
 
-    def batch_count(self) -> BatchCount:
-        """Micro-batches each rank yields over ``config.epochs`` epochs (one when infinite), from
-        the manifest's counts (``estimate_batches``)."""
-        cfg = self.config
-        return estimate_batches(cfg.sources, cfg.objective, micro_batch_size=cfg.micro_batch_size,
-                                world_size=cfg.world_size, num_workers=cfg.num_workers,
-                                epochs=cfg.epochs or 1, pack_whole_docs=cfg.pack_whole_docs)
-
     def needs_every_rank(self, own: dict[str, Any]) -> bool:
         """Whether resuming from this rank's saved state ``own`` needs every old rank's state
         too (the world size or worker count changed)."""
@@ -369,7 +358,6 @@ class TrainStream:
         self._consumed = consumed
         self._turn = int(state.get("turn", consumed % self.config.readers_per_rank))
         self._dropped = int(state.get("dropped", 0))
-        self.exhausted = False
         self._tokens = [int(n) for n in state.get("tokens", self._tokens)]
         self._skipped = Counter({int(e): int(n) for e, n in state.get("skipped", {}).items()})
         self._bad_shards = dict(state.get("bad_shards", {}))
