@@ -4,6 +4,6 @@
 Only rank 0 builds sinks; every sink takes one row (a flat dict with ``step``) per log step.
 """
 
-from megatrain.metrics.sinks import MetricSinks, build_sinks, setup_console_logging
+from megatrain.metrics.sinks import MetricSinks, ResumePoint, build_sinks, setup_console_logging
 
-__all__ = ["MetricSinks", "build_sinks", "setup_console_logging"]
+__all__ = ["MetricSinks", "ResumePoint", "build_sinks", "setup_console_logging"]

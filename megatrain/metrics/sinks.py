@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,20 +63,100 @@ class ConsoleSink:
             self.bar.close()
 
 
-class JsonlSink:
-    """``metrics.jsonl``: one JSON object per row, flushed at once so a crash loses nothing."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint left the metrics: its step, the rows ``metrics.jsonl`` had when it was
+    saved (None: a checkpoint from before this was recorded) and its W&B run."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    step: int
+    rows: int | None = None
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ResumePoint:
+        """From a checkpoint's rank state (``progress``, ``metrics_rows``, ``wandb_run_id``)."""
+        return cls(state["progress"]["step"], state.get("metrics_rows"),
+                   state.get("wandb_run_id"))
+
+
+class JsonlSink:
+    """``metrics.jsonl``: one JSON object per row, flushed at once so a crash loses nothing.
+
+    It holds the surviving timeline only: when a run goes back to a checkpoint (a resume, a
+    rollback), the rows logged after that checkpoint move to ``metrics.abandoned.jsonl``, each
+    tagged with its ``timeline`` (1 for the first timeline abandoned, ...), the step the run went
+    back to (``rewound_to``) and why (``reason``)."""
+
+    def __init__(self, path: Path, resume: ResumePoint | None) -> None:
         self.path = path
-        truncate_after(path, resume_step)
+        self.abandoned = path.with_name("metrics.abandoned.jsonl")
+        self.rows = self._go_back(resume or ResumePoint(0, 0), "resume" if resume else "restart")
         self.file = path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows += 1
+
+    def commit(self) -> None:
+        """To disk before anything else learns of these rows (a checkpoint, W&B)."""
+        os.fsync(self.file.fileno())
+
+    def go_back(self, point: ResumePoint, reason: str) -> None:
+        self.file.close()
+        self.rows = self._go_back(point, reason)
+        self.file = self.path.open("a", encoding="utf-8")
+
+    def surviving(self) -> list[dict[str, Any]]:
+        """The rows of the timeline that survived so far, in order."""
+        return _read_rows(self.path)
+
+    def _go_back(self, point: ResumePoint, reason: str) -> int:
+        """Keep the rows the checkpoint had (the first ``point.rows``; by step for an older
+        checkpoint), move the rest aside; the number kept."""
+        if not self.path.exists():
+            return 0
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        if point.rows is not None:
+            keep = min(point.rows, len(lines))
+        else:
+            keep = next((i for i, line in enumerate(lines)
+                         if json.loads(line).get("step", 0) > point.step), len(lines))
+        if keep < len(lines):
+            self._abandon([json.loads(line) for line in lines[keep:]], point.step, reason)
+            _write_atomic(self.path, lines[:keep])
+        return keep
+
+    def _abandon(self, rows: list[dict[str, Any]], step: int, reason: str) -> None:
+        timeline = 1 + max((r.get("timeline", 0) for r in _read_rows(self.abandoned)), default=0)
+        with self.abandoned.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "timeline": timeline, "rewound_to": step,
+                                    "reason": reason}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("metrics: %d rows logged after step %d moved to %s (timeline %d, %s)",
+                 len(rows), step, self.abandoned.name, timeline, reason)
 
     def close(self) -> None:
         self.file.close()
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _write_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -87,14 +169,33 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class MetricSinks:
-    """Fans one row out to every sink."""
+    """Fans one row out to every sink, and keeps them on one timeline: ``commit`` once a
+    checkpoint (or the run's end) makes the rows so far durable, ``go_back`` when the run
+    returns to a checkpoint, ``state`` for the checkpoint to carry."""
 
-    def __init__(self, sinks: list[Sink]) -> None:
-        self.sinks = sinks
+    def __init__(self, console: ConsoleSink, jsonl: JsonlSink, wandb: WandbSink | None) -> None:
+        self.jsonl, self.wandb = jsonl, wandb
+        self.sinks: list[Sink] = [s for s in (console, jsonl, wandb) if s is not None]
 
     def log(self, row: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.log(row)
+
+    def commit(self) -> None:
+        if self.wandb is not None:
+            self.wandb.commit()
+
+    def go_back(self, point: ResumePoint, reason: str) -> None:
+        """The run went back to the checkpoint ``point`` describes (``reason``: rollback)."""
+        self.jsonl.go_back(point, reason)
+        if self.wandb is not None:
+            self.wandb.go_back(point.step, self.jsonl.surviving())
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint records of the metrics (``ResumePoint.from_state`` reads it); the
+        rows it counts are on disk first."""
+        self.jsonl.commit()
+        return {"metrics_rows": self.jsonl.rows, "wandb_run_id": self.wandb_run_id}
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -102,17 +203,16 @@ class MetricSinks:
 
     @property
     def wandb_run_id(self) -> str | None:
-        return next((s.run_id for s in self.sinks if isinstance(s, WandbSink)), None)
+        return self.wandb.run_id if self.wandb is not None else None
 
 
-def build_sinks(cfg: Config, run_dir: Path, start_step: int, wandb_run_id: str | None,
+def build_sinks(cfg: Config, run_dir: Path, resume: ResumePoint | None,
                 config_dict: dict[str, Any]) -> MetricSinks:
-    """The sinks rank 0 writes to; ``wandb_run_id`` continues the run a checkpoint names."""
-    sinks: list[Sink] = [
-        ConsoleSink(cfg.trainer.max_steps, start_step, cfg.logger.progress),
-        JsonlSink(run_dir / "metrics.jsonl", start_step),
-    ]
-    wandb = WandbSink.create(cfg.logger.wandb, run_dir, cfg.run.name, wandb_run_id, config_dict)
-    if wandb is not None:
-        sinks.append(wandb)
-    return MetricSinks(sinks)
+    """The sinks rank 0 writes to, on the timeline of the checkpoint ``resume`` describes (None:
+    a run from scratch; rows already in the run folder are moved aside)."""
+    jsonl = JsonlSink(run_dir / "metrics.jsonl", resume)
+    start = resume.step if resume else 0
+    wandb = WandbSink.create(cfg.logger.wandb, run_dir, cfg.run.name, config_dict,
+                             resume.wandb_run_id if resume else None, start, jsonl.surviving())
+    return MetricSinks(ConsoleSink(cfg.trainer.max_steps, start, cfg.logger.progress),
+                       jsonl, wandb)

@@ -34,7 +34,7 @@ from megatrain.data.tokenizer import load_tokenizer
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
 from megatrain.hf_export import export as export_checkpoint
-from megatrain.metrics import MetricSinks, build_sinks
+from megatrain.metrics import MetricSinks, ResumePoint, build_sinks
 from megatrain.metrics.throughput import Throughput, memory_gb
 from megatrain.models.flops import peak_tflops_for
 from megatrain.models.generation import generate
@@ -120,14 +120,14 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None
         self._parts: dict[str, torch.Tensor] = {}  # loss parts (MLM + NSP) summed since the log
         self._micro_batches_since_log = 0
-        wandb_id = self._maybe_resume()
+        resume_point = self._maybe_resume()
         self._saved_step = self.progress.step if self.resume_from else None
         self.best = BestTracker.load(self.run_dir / "checkpoints", cfg.trainer.keep_best,
                                      eval_metric_names(self.task, bool(cfg.data.nsp))
                                      ) if cfg.trainer.keep_best else None
         self.trace = TraceWriter(self.run_dir, world.rank, world.world_size,
                                  self.progress.step) if cfg.data.trace else None
-        self.sinks = self._build_sinks(wandb_id) if world.is_main else None
+        self.sinks = self._build_sinks(resume_point) if world.is_main else None
         peak = cfg.trainer.peak_tflops or peak_tflops_for(device)
         self.throughput = Throughput(self.spec.flops_per_token(self.model_cfg, cfg.data.seq_len),
                                      peak, world.world_size)
@@ -224,8 +224,8 @@ class Trainer:
                  "length)", t.epochs, plan.steps_per_epoch, plan.max_steps)
         return plan
 
-    def _maybe_resume(self) -> str | None:
-        """Load the checkpoint ``run.resume`` names; return the W&B run id it carries."""
+    def _maybe_resume(self) -> ResumePoint | None:
+        """Load the checkpoint ``run.resume`` names; return where it left the metrics."""
         found = self.resume_from
         if found is None:
             return None
@@ -237,12 +237,12 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (weights checksum %r, saved %r)", found,
                  self.progress.step, self._weights_checksum(), state.get("weights_checksum"))
-        return state.get("wandb_run_id")
+        return ResumePoint.from_state(state)
 
-    def _build_sinks(self, wandb_id: str | None) -> MetricSinks:
+    def _build_sinks(self, resume_point: ResumePoint | None) -> MetricSinks:
         config = dataclasses.asdict(self.cfg)
         config["model_resolved"] = vars(self.model_cfg)
-        return build_sinks(self.cfg, self.run_dir, self.progress.step, wandb_id, config)
+        return build_sinks(self.cfg, self.run_dir, resume_point, config)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -265,6 +265,9 @@ class Trainer:
             loss = self.train_step(batches, measure_grad_norm=log_now)
             if self.data_ended:
                 break
+            if self.progress.step < step:  # rolled back: the window's steps were abandoned
+                loss_sum.zero_()
+                steps_in_window = 0
             if loss is not None:
                 loss_sum += loss
                 steps_in_window += 1
@@ -292,6 +295,8 @@ class Trainer:
                                self._saved_step == self.progress.step)
         if self._saved_step != self.progress.step:
             self.save()
+        if self.sinks:
+            self.sinks.commit()  # complete: the rows after the last checkpoint are final too
         self._export()
         return last_eval
 
@@ -440,6 +445,8 @@ class Trainer:
         counters = {"skipped_steps": self.progress.skipped_steps,
                     "rollbacks": self.progress.rollbacks + 1}
         self.progress = Progress(**{**state["progress"], **counters})
+        if self.sinks:
+            self.sinks.go_back(ResumePoint.from_state(state), "rollback")
         log.warning("step %d: rolled back to %s after a loss spike (%.4f); the data since is "
                     "skipped", step, found.name, loss)
 
@@ -544,7 +551,7 @@ class Trainer:
     def save(self) -> Path:
         rank_state = {"progress": vars(self.progress).copy(), "stream": self.stream.state_dict(),
                       "rng": ckpt.rng_state(),
-                      "wandb_run_id": self.sinks.wandb_run_id if self.sinks else None,
+                      **(self.sinks.state() if self.sinks else {}),
                       "weights_checksum": self._weights_checksum()}
         meta = {"step": self.progress.step, "model": {"family": self.cfg.model.family,
                                                        **vars(self.model_cfg)},
@@ -558,6 +565,8 @@ class Trainer:
                                     self.tokenizer, self.cfg.trainer.keep_last,
                                     publish_delay_s=self.faults.save_delay_s)
         log.info("saved %s in %.1fs", path, time.perf_counter() - start)
+        if self.sinks:
+            self.sinks.commit()  # the rows so far are durable now: a resume never repeats them
         self._saved_step = self.progress.step
         return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -109,8 +110,11 @@ def test_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_data(
     assert "step 14: rolled back to step_10 after a loss spike" in result.stderr
     rows = [r for r in metrics(run_dir) if "loss" in r]
     steps = [r["step"] for r in rows]
-    # 1-13 trained; 14 spiked and was undone; the run went on from 10 with the data after 14
-    assert steps == [*range(1, 14), *range(11, 21)]
+    # 1-13 trained; 14 spiked and was undone; the run went on from 10 with the data after 14:
+    # its rows of 11-13 moved aside, one row per step stays
+    assert steps == list(range(1, 21))
+    aside = [json.loads(line) for line in (run_dir / "metrics.abandoned.jsonl").open()]
+    assert [(r["step"], r["reason"]) for r in aside] == [(s, "rollback") for s in range(11, 14)]
     assert rows[-1]["rollbacks"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
     state = torch.load(run_dir / "checkpoints" / "step_20" / "rank0.pt", weights_only=False)
     assert state["progress"]["rollbacks"] == 1
