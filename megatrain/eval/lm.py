@@ -108,15 +108,16 @@ def masked_lm(loaded: EvalModel, docs: Sequence[TextDoc], *, seed: int = 0,
     sums = {"loss": 0.0, "count": 0.0, "correct": 0.0}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids = np.full((len(chunk), max(map(len, chunk))), pad, np.int64)
-        attention = np.zeros_like(ids)
-        for r, row in enumerate(chunk):
-            ids[r, : len(row)], attention[r, : len(row)] = row, 1
-        masked = [objective.mask(ids[r : r + 1], np.random.default_rng([seed, start + r]))
-                  for r in range(len(chunk))]
-        inputs = torch.cat([m["input_ids"] for m in masked]).to(loaded.device)
-        labels = torch.cat([m["labels"] for m in masked]).to(loaded.device)
-        logits = loaded.model(inputs, attention_mask=torch.from_numpy(attention).to(inputs.device))
+        inputs = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+        labels = torch.full_like(inputs, IGNORE)
+        attention = torch.zeros_like(inputs)
+        for r, row in enumerate(chunk):  # each row masked alone, at its own length
+            masked = objective.mask(row[None, :], np.random.default_rng([seed, start + r]))
+            inputs[r, : len(row)], labels[r, : len(row)] = masked["input_ids"][0], \
+                masked["labels"][0]
+            attention[r, : len(row)] = 1
+        inputs, labels = inputs.to(loaded.device), labels.to(loaded.device)
+        logits = loaded.model(inputs, attention_mask=attention.to(inputs.device))
         if isinstance(logits, tuple):  # with an NSP head
             logits = logits[0]
         for name, value in eval_sums(logits, {"labels": labels}).items():

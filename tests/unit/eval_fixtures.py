@@ -9,6 +9,7 @@ import torch
 
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
 from megatrain.models.registry import MODEL_SPECS, resolve_model_config, with_heads
+from megatrain.training.checkpoint import write_manifest
 from tests.unit.checkpoints import write_stage0_checkpoint
 
 DOCS = [
@@ -47,4 +48,5 @@ def tiny_checkpoint(root: Path, family: str, *, num_labels: int = 0, seed: int =
     if labels is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
         (ckpt / "meta.json").write_text(json.dumps(meta | {"labels": labels}))
+        write_manifest(ckpt)  # as the trainer does: meta.json is part of it
     return ckpt
