@@ -83,7 +83,10 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _shard_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-fraction", type=float, default=0.01)
+    parser.add_argument("--eval-fraction", type=float, default=0.01,
+                        help="share of documents held out for eval (default 0.01); 1: an "
+                        "eval-only folder, a fixed validation set for data.eval and "
+                        "megatrain-eval (needs --tokenizer)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-tokens", type=int,
                       help="close a shard at this many tokens (default: 1,000,000)")

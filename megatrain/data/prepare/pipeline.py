@@ -123,8 +123,12 @@ class PrepareOptions:
     """Task data (sft, cls, seq2seq) instead of pretraining text."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1], got {self.eval_fraction}")
+        if self.eval_only and self.tokenizer is None:
+            raise ConfigError("an eval-only folder (eval_fraction 1: a fixed validation set) is "
+                              "read by a model trained on other data: give --tokenizer (the "
+                              "training corpus's or the checkpoint's)")
         if self.shard_tokens is not None and self.shard_bytes is not None:
             raise ConfigError("give shard_tokens or shard_bytes, not both")
         for name in ("shard_tokens", "shard_bytes", "tokenizer_sample"):
@@ -150,6 +154,11 @@ class PrepareOptions:
         if self.text_field != DEFAULT_TEXT_FIELD:
             raise ConfigError(f"--text-field does not apply to --format {self.task.format}: "
                               "rows are read by their field names")
+
+    @property
+    def eval_only(self) -> bool:
+        """Every document goes to the eval split (``data.eval``, ``megatrain-eval --data``)."""
+        return self.eval_fraction == 1.0
 
     @property
     def limit(self) -> ShardLimit:
@@ -254,7 +263,7 @@ class _Run:
         cleaner = Cleaner(self.options.clean)
         self._tokenize(cleaner, writer, tok.path, {s: sum(j.inputs for j in v)
                                                     for s, v in done.items()})
-        splits = writer.close()
+        splits = writer.close(need_train=not self.options.eval_only)
         stats = writer.stats() | cleaner.stats()
         root = self.remote.url if self.remote else self.out
         if self.remote:
@@ -644,9 +653,13 @@ class CorpusWriter:
         if doc.split == "train":
             self.counts += np.bincount(doc.tokens, minlength=len(self.counts))
 
-    def close(self) -> dict[str, list[ShardInfo]]:
-        if self.documents["train"] == 0:
-            raise DataError("the corpus has no training documents (is it empty?)")
+    def close(self, need_train: bool = True) -> dict[str, list[ShardInfo]]:
+        """The shards of each split; DataError for a corpus without training documents (unless
+        eval-only: then without eval documents)."""
+        needed = "train" if need_train else "eval"
+        if self.documents[needed] == 0:
+            raise DataError(f"the corpus has no {'training' if need_train else 'eval'} "
+                            "documents (is it empty?)")
         return {split: writer.close() for split, writer in self.writers.items()}
 
     def stats(self) -> dict[str, object]:
