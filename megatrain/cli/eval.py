@@ -71,7 +71,7 @@ def _lm_eval(args: argparse.Namespace, out: Path) -> int:
     tasks = args.task[len(LM_EVAL_PREFIX):].split(",")
     result = run_harness(args.checkpoint, tasks, backend=args.lm_eval_backend,
                          include_path=args.include_path, limit=args.max_examples,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, device=args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out}", file=sys.stderr)

@@ -132,6 +132,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ("gpt", ["--task", "mlm", "--data", "{tmp}/rows.jsonl"], "needs a bert model"),
     ("gpt", ["--task", "perplexity", "--data", "{tmp}/rows.jsonl", "--stride", "40"],
      "--stride 40 must be in [1, 31]"),
+    ("gpt", ["--task", "lm-eval:"], "no task named"),  # the lm-eval route reaches run_harness
+    ("gpt", ["--task", "perplexity"], "--task perplexity needs --data"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(
         checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],

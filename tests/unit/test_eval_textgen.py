@@ -86,3 +86,14 @@ def test_scores_equal_the_scorers_on_the_saved_generations(
     # Identical generations score 100 / 1 through the same path (the scorer is not vacuous).
     assert sacrebleu.corpus_bleu(refs, [refs], tokenize=expected_tok).score == pytest.approx(100)
     assert rouge(refs, refs)[0]["rouge1"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("module", "call"), [("sacrebleu", bleu), ("rouge_score.rouge_scorer",
+                                                                   rouge)])
+def test_a_missing_scorer_names_the_extra(module: str, call: object,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatrain.errors import ConfigError
+
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # import raises ImportError
+    with pytest.raises(ConfigError, match=r'pip install "megatrain\[eval\]"'):
+        call(["a"], ["a"])
