@@ -138,6 +138,10 @@ class TrainerConfig:
     export_to: Optional[str] = None
     activation_checkpointing: bool = False
     compile: bool = False
+    # The token loss without the whole (tokens, vocab) logits: the head and cross-entropy run a
+    # chunk of rows at a time, the backward recomputes each chunk (same loss and gradients).
+    # auto: where a micro-batch has 2^27 logits or more (megatrain.training.losses.loss_chunk).
+    chunked_loss: str = "auto"  # auto | on | off
     peak_tflops: Optional[float] = ranged(None, gt=0)  # per device, for MFU; None: known GPUs only
     sample_prompt: Optional[str] = None  # print a generated sample at the end of training
     sample_tokens: int = ranged(200, ge=1)
@@ -178,6 +182,11 @@ class WandbConfig:
     project: str = "megatrain"
     entity: Optional[str] = None
     group: Optional[str] = None
+    # At the end of the run, log the Hugging Face export of the final or best (trainer.keep_best)
+    # checkpoint as a W&B model artifact: false | final | best.
+    log_model: str = "false"
+    # Log the end-of-run sample (trainer.sample_prompt) as a W&B table too.
+    sample_table: bool = False
 
 
 @dataclass

@@ -3,7 +3,9 @@ report and sample. ``megatrain-train`` (``megatrain.cli.train``) is the Hydra la
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,10 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatrain.config.schema import Config
 from megatrain.config.validate import check_engine_setup, check_locations, check_ranges
-from megatrain.errors import MegatrainError
+from megatrain.errors import ConfigError, MegatrainError
 from megatrain.training.schedule import lr_multiplier_of
 
 if TYPE_CHECKING:
+    from megatrain.metrics.wandb_sink import WandbSink
     from megatrain.training.trainer import Trainer
 
 log = logging.getLogger("megatrain")
@@ -48,6 +51,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             if world.is_main:
                 print(f"\n----- sample (prompt {prompt!r}) -----\n{text}\n"
                       "-----", flush=True)
+                _log_sample_table(trainer, prompt, text)
+        _log_model(trainer)
     finally:
         trainer.close()
     shutdown_distributed()
@@ -64,7 +69,25 @@ def checked_config(cfg: DictConfig) -> Config:
                        config.trainer.precision)
     lr_multiplier_of(config)  # refuses a schedule that cannot run
     check_locations(config.data)
+    check_wandb_extras(config)
     return config
+
+
+def check_wandb_extras(config: Config) -> None:
+    """``logger.wandb.log_model`` / ``sample_table`` name something the run will have."""
+    from megatrain.metrics.wandb_sink import log_model_choice
+
+    wandb = config.logger.wandb
+    choice = log_model_choice(wandb.log_model)
+    if choice == "best" and not config.trainer.keep_best:
+        raise ConfigError("logger.wandb.log_model=best needs trainer.keep_best (the eval metric "
+                          "that picks the best checkpoint)")
+    if choice and importlib.util.find_spec("transformers") is None:
+        raise ConfigError(f"logger.wandb.log_model={choice} logs a Hugging Face export, which "
+                          "needs transformers: pip install 'megatrain[hf]'")
+    if wandb.sample_table and not config.trainer.sample_prompt:
+        raise ConfigError("logger.wandb.sample_table=true logs the end-of-run sample: set "
+                          "trainer.sample_prompt")
 
 
 class PeerFailure(MegatrainError):
@@ -86,6 +109,45 @@ def _train(trainer: Trainer) -> dict[str, float]:
                           "another rank died or stalled for longer than "
                           f"trainer.collective_timeout_s={trainer.cfg.trainer.collective_timeout_s}"
                           "; its log says why") from err
+
+
+def _wandb(trainer: Trainer) -> WandbSink | None:
+    return trainer.sinks.wandb if trainer.sinks else None  # the main rank's, when enabled
+
+
+def _log_sample_table(trainer: Trainer, prompt: str, text: str) -> None:
+    """``logger.wandb.sample_table``: the end-of-run sample as a W&B table."""
+    sink = _wandb(trainer)
+    if sink is not None and trainer.cfg.logger.wandb.sample_table:
+        sink.log_samples_table([{"step": trainer.progress.step, "prompt": prompt, "text": text}])
+
+
+def _log_model(trainer: Trainer) -> None:
+    """``logger.wandb.log_model``: the Hugging Face export of the final or best checkpoint as a
+    W&B artifact — ``trainer.export_to``'s folder when it holds that checkpoint, else an export
+    made for it in the run folder and removed once W&B has staged its files."""
+    from megatrain.metrics.wandb_sink import log_model_choice
+
+    choice = log_model_choice(trainer.cfg.logger.wandb.log_model)
+    sink = _wandb(trainer)
+    if choice is None or sink is None:
+        return
+    best = trainer.best.checkpoint if trainer.best else None
+    final = trainer.run_dir / "checkpoints" / f"step_{trainer.progress.step}"
+    source = best if choice == "best" and best else final
+    meta = {"checkpoint": str(source), "step": int(source.name.removeprefix("step_")),
+            "run": trainer.cfg.run.name, "family": trainer.cfg.model.family,
+            **({"metric": trainer.best.metric, "value": trainer.best.value}
+               if source == best else {})}
+    aliases = [choice, f"step-{meta['step']}"]
+    export_to = trainer.cfg.trainer.export_to
+    if export_to and (best or final) == source:  # what Trainer._export wrote there
+        sink.log_model(Path(export_to), aliases, meta)
+        return
+    from megatrain.hf_export import export
+
+    with tempfile.TemporaryDirectory(prefix="hf_export.", dir=trainer.run_dir) as tmp:
+        sink.log_model(export(source, tmp), aliases, meta)
 
 
 def _report(trainer: Trainer, result: dict[str, float]) -> None:
