@@ -313,6 +313,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: fl
         return out.transpose(1, 2)  # (B, nh, T, hs)
     B, T = q.shape[:2]
     if k.size(1) != T:
+        if mask.bias is None and mask.doc_ids is None:  # a cached decode step over padding
+            return sdpa_attention(*(t.transpose(1, 2) for t in (q, k, v)), causal, dropout_p,
+                                  mask, scale)
         raise ValueError("flash_attn with a padding or document mask is self-attention only")
     indices, cu, max_len = varlen_layout(mask, B, T)
     flat = [t.flatten(0, 1).index_select(0, indices) for t in (q, k, v)]  # (n, h, hs)
@@ -391,6 +394,60 @@ def make_attention_fn(impl: str) -> AttentionFn:
     return _BACKENDS[impl]
 
 
+# --- KV cache ---------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated for ``max_len``
+    positions so a step writes in place (no ``torch.cat`` per step and layer).
+
+    A forward over T new tokens has each layer's attention call :meth:`update` with its new k, v
+    (B, nkv, T, hs), which returns all keys and values so far (views, B, nkv, length + T, hs);
+    the model then calls :meth:`advance` (T). Every row holds the same number of positions (a
+    batch is left-padded), so ``length`` is a plain int and no step syncs with the device.
+    ``cross`` holds an encoder–decoder's cross-attention (k, v) per layer, computed once.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len, self.length = max_len, 0
+        self.layers = [LayerKV(self, i) for i in range(n_layers)]
+        self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+@dataclass
+class LayerKV:
+    """One layer's view of a :class:`KVCache`, the handle its attention receives."""
+
+    cache: KVCache
+    index: int
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(self.index, k, v)
+
+    @property
+    def cross(self) -> tuple[Tensor, Tensor] | None:
+        return self.cache.cross[self.index]
+
+    @cross.setter
+    def cross(self, kv: tuple[Tensor, Tensor]) -> None:
+        self.cache.cross[self.index] = kv
+
+
 # --- modules ----------------------------------------------------------------------------------
 
 
@@ -427,7 +484,9 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                mask: AttnMask | None = None) -> Tensor:
+                mask: AttnMask | None = None, cache: LayerKV | None = None) -> Tensor:
+        """``cache``: x holds only the new positions; their keys and values join the cached
+        ones, and a causal mask is aligned to the last query (bottom-right)."""
         B, T, _ = x.size()
         q, k, v = self.qkv(x).split(self.split, dim=2)
         q = _split_heads(q, self.n_heads, self.head_dim)  # (B, nh, T, hs)
@@ -435,7 +494,11 @@ class SelfAttention(nn.Module):
         v = _split_heads(v, self.n_kv_heads, self.head_dim)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = self.attn_fn(q, k, v, self.causal, self.dropout if self.training else 0.0,
+        causal = self.causal
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nkv, L + T, hs)
+            causal = causal and T > 1  # one query at the end sees every key
+        y = self.attn_fn(q, k, v, causal, self.dropout if self.training else 0.0,
                          mask, self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hs)
         return self.resid_dropout(self.proj(y))
@@ -463,11 +526,18 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(inner, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None,
+                cache: LayerKV | None = None) -> Tensor:
+        """``cache``: the memory's keys and values are projected on the first call and reused."""
         B, T, _ = x.size()
         q = _split_heads(self.q(x), self.n_heads, self.head_dim)  # (B, nh, T, hs)
-        k, v = (_split_heads(t, self.n_heads, self.head_dim)
-                for t in self.kv(memory).chunk(2, dim=2))  # 2 x (B, nh, S, hs)
+        kv = None if cache is None else cache.cross
+        if kv is None:
+            kv = tuple(_split_heads(t, self.n_heads, self.head_dim)
+                       for t in self.kv(memory).chunk(2, dim=2))  # 2 x (B, nh, S, hs)
+            if cache is not None:
+                cache.cross = kv
+        k, v = kv
         y = self.attn_fn(q, k, v, False, self.dropout if self.training else 0.0, mask, self.scale)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 

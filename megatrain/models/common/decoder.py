@@ -9,7 +9,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from megatrain.models.common.attention import KVCache
 from megatrain.models.common.base import ConfigT, ModelBase
+from megatrain.models.common.chunked_ce import LMHead
 from megatrain.models.common.layers import Block, RMSNorm
 from megatrain.models.common.positions import batch_mask
 
@@ -46,7 +48,7 @@ class DecoderLM(ModelBase[ConfigT]):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(self.block() for _ in range(c.n_layers))
         self.ln_f = self.norm()
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = LMHead(c.d_model, c.vocab_size, bias=False)
         if self.tied_embeddings():
             self.lm_head.weight = self.tok_emb.weight
 
@@ -62,9 +64,10 @@ class DecoderLM(ModelBase[ConfigT]):
     def tied_embeddings(self) -> bool:
         raise NotImplementedError
 
-    def embed(self, input_ids: Tensor,
-              doc_ids: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """(B, T) tokens, positions restarting per document when ``doc_ids`` is given -> the
+    def embed(self, input_ids: Tensor, doc_ids: Tensor | None, positions: Tensor | None = None,
+              ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(B, T) tokens, positions restarting per document when ``doc_ids`` is given, or taken
+        from ``positions`` (B, T) (generation: after left padding, after the cache) -> the
         blocks' input (B, T, C) and the rotary (cos, sin) they apply, if any."""
         raise NotImplementedError
 
@@ -73,12 +76,38 @@ class DecoderLM(ModelBase[ConfigT]):
         init_weights(self, self.blocks, self.config.n_layers)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> Tensor:
+                doc_ids: Tensor | None = None, *, positions: Tensor | None = None,
+                cache: KVCache | None = None, labels: Tensor | None = None,
+                loss_chunk: int = 0) -> Tensor:
         """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
-        ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting."""
-        self.check_seq_len(input_ids.size(1))
+        ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting.
+
+        Generation: ``positions`` (B, T) are the tokens' position ids; with a ``cache`` (see
+        :meth:`new_cache`) ``input_ids`` are only the new tokens, ``attention_mask`` covers the
+        cached and the new ones (B, L + T), and the cache advances by T.
+
+        Training: with ``labels`` (B, T) the model returns the summed cross-entropy over the
+        labelled tokens (an fp32 scalar) instead of the logits, ``loss_chunk`` rows of logits at a
+        time (``LMHead``)."""
+        past = 0 if cache is None else cache.length
+        self.check_seq_len(past + input_ids.size(1))
+        if positions is None and past:  # the new tokens follow the cached ones
+            positions = torch.arange(past, past + input_ids.size(1), device=input_ids.device)[None]
         mask = batch_mask(attention_mask, doc_ids)
-        x, rope = self.embed(input_ids, doc_ids)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, rope, mask)  # (B, T, C)
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        x, rope = self.embed(input_ids, doc_ids, positions)  # (B, T, C)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, rope, mask)  # (B, T, C)
+        else:
+            for block, layer in zip(self.blocks, cache.layers, strict=True):
+                x = block(x, rope, mask, layer)  # (B, T, C)
+            cache.advance(input_ids.size(1))
+        return self.lm_head(self.ln_f(x), labels, loss_chunk)  # (B, T, V) or the loss
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` positions, in the model's
+        dtype and device."""
+        c, weight = self.config, self.lm_head.weight
+        n_kv = getattr(c, "n_kv_heads", None) or c.n_heads
+        return KVCache(c.n_layers, batch, n_kv, c.d_model // c.n_heads, max_len, weight.dtype,
+                       weight.device)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatrain.models.common.attention import AttnMask
+from megatrain.models.common.attention import AttnMask, LayerKV
 
 
 class RMSNorm(nn.Module):
@@ -75,8 +75,8 @@ class GatedMLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block; the unit that activation checkpointing wraps.
 
-    The model picks the norms, attention and MLP; ``rope`` and ``mask`` are passed through to
-    the attention.
+    The model picks the norms, attention and MLP; ``rope``, ``mask`` and a generation's
+    ``cache`` (its layer of a :class:`KVCache`) are passed through to the attention.
     """
 
     def __init__(self, ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module) -> None:
@@ -84,6 +84,7 @@ class Block(nn.Module):
         self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                mask: AttnMask | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope, mask)
+                mask: AttnMask | None = None, cache: LayerKV | None = None) -> Tensor:
+        h = self.ln_1(x)
+        x = x + (self.attn(h, rope, mask) if cache is None else self.attn(h, rope, mask, cache))
         return x + self.mlp(self.ln_2(x))

@@ -62,8 +62,9 @@ class GPT(DecoderLM[GPTConfig]):
     def tied_embeddings(self) -> bool:
         return True
 
-    def embed(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, None]:
-        pos = token_positions(input_ids, doc_ids)  # (T,) or (B, T)
+    def embed(self, input_ids: Tensor, doc_ids: Tensor | None,
+              positions: Tensor | None = None) -> tuple[Tensor, None]:
+        pos = token_positions(input_ids, doc_ids) if positions is None else positions  # (T,)|(B, T)
         return self.drop(self.tok_emb(input_ids) + self.pos_emb(pos)), None
 
 

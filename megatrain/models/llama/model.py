@@ -66,9 +66,10 @@ class Llama(DecoderLM[LlamaConfig]):
     def tied_embeddings(self) -> bool:
         return self.config.tie_embeddings
 
-    def embed(self, input_ids: Tensor,
-              doc_ids: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        positions = None if doc_ids is None else positions_in_documents(doc_ids)
+    def embed(self, input_ids: Tensor, doc_ids: Tensor | None,
+              positions: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if positions is None and doc_ids is not None:
+            positions = positions_in_documents(doc_ids)
         head_dim = self.config.d_model // self.config.n_heads
         rope = rotary_cos_sin(input_ids.size(1), head_dim, self.config.rope_theta,
                               input_ids.device, positions)

@@ -16,8 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from megatrain.errors import ConfigError
-from megatrain.models.common.attention import AttnMask, CrossAttention, SelfAttention
+from megatrain.models.common.attention import (
+    AttnMask,
+    CrossAttention,
+    KVCache,
+    LayerKV,
+    SelfAttention,
+)
 from megatrain.models.common.base import ModelBase, TransformerConfig
+from megatrain.models.common.chunked_ce import LMHead
 from megatrain.models.common.layers import Block, GatedMLP, RMSNorm
 from megatrain.models.t5.positions import RelativePositionBias
 
@@ -96,9 +103,13 @@ class DecoderBlock(nn.Module):
                            hidden_dropout=True)
 
     def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None,
-                memory_mask: AttnMask | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), None, mask)  # (B, T, C)
-        x = x + self.cross_attn(self.ln_2(x), memory, memory_mask)  # (B, T, C)
+                memory_mask: AttnMask | None = None, cache: LayerKV | None = None) -> Tensor:
+        if cache is None:
+            x = x + self.attn(self.ln_1(x), None, mask)  # (B, T, C)
+            x = x + self.cross_attn(self.ln_2(x), memory, memory_mask)  # (B, T, C)
+        else:  # generation: cached self-attention keys, cross-attention keys projected once
+            x = x + self.attn(self.ln_1(x), None, mask, cache)
+            x = x + self.cross_attn(self.ln_2(x), memory, memory_mask, cache)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -146,7 +157,7 @@ class T5(ModelBase[T5Config]):
         self.drop = nn.Dropout(c.dropout)
         self.encoder = T5Stack(c, self.attn_impl, decoder=False)
         self.decoder = T5Stack(c, self.attn_impl, decoder=True)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = LMHead(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
@@ -162,11 +173,14 @@ class T5(ModelBase[T5Config]):
 
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor,
                 attention_mask: Tensor | None = None,
-                decoder_attention_mask: Tensor | None = None) -> Tensor:
+                decoder_attention_mask: Tensor | None = None, *, labels: Tensor | None = None,
+                loss_chunk: int = 0) -> Tensor:
         """``attention_mask`` (B, S) and ``decoder_attention_mask`` (B, T): 1 for tokens, 0 for
-        padding (as in Hugging Face); None when a side has no padding."""
+        padding (as in Hugging Face); None when a side has no padding. With ``labels`` (B, T):
+        the summed cross-entropy over the labelled tokens instead of the logits (``LMHead``)."""
         memory = self.encode(input_ids, attention_mask)  # (B, S, C)
-        return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+        return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask,
+                           labels=labels, loss_chunk=loss_chunk)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, S) tokens -> (B, S, C) encoder output (the decoder's memory)."""
@@ -180,21 +194,39 @@ class T5(ModelBase[T5Config]):
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor,
                attention_mask: Tensor | None = None,
-               decoder_attention_mask: Tensor | None = None) -> Tensor:
+               decoder_attention_mask: Tensor | None = None, *,
+               cache: KVCache | None = None, labels: Tensor | None = None,
+               loss_chunk: int = 0) -> Tensor:
         """(B, T) decoder tokens attending to ``memory`` (B, S, C) -> logits (B, T, V);
-        ``attention_mask`` (B, S) is the encoder input's padding."""
+        ``attention_mask`` (B, S) is the encoder input's padding. With a ``cache`` (see
+        :meth:`new_cache`) the tokens follow the cached ones (``decoder_attention_mask`` then
+        covers both) and the cache advances by T."""
         T = decoder_input_ids.size(1)
+        past = 0 if cache is None else cache.length
         mask = AttnMask(key_padding=_padding(decoder_attention_mask),
-                        bias=self.decoder.rel_bias(T, T))  # bias (1, nh, T, T)
+                        bias=self.decoder.rel_bias(T, past + T, past))  # (1, nh, T, past + T)
         memory_mask = None if attention_mask is None else AttnMask(key_padding=_padding(
             attention_mask))
         x = self.drop(self.tok_emb(decoder_input_ids))  # (B, T, C)
-        for block in self.decoder.blocks:
-            x = block(x, memory, mask, memory_mask)  # (B, T, C)
+        if cache is None:
+            for block in self.decoder.blocks:
+                x = block(x, memory, mask, memory_mask)  # (B, T, C)
+        else:
+            for block, layer in zip(self.decoder.blocks, cache.layers, strict=True):
+                x = block(x, memory, mask, memory_mask, layer)  # (B, T, C)
+            cache.advance(T)
         x = self.drop(self.decoder.ln_f(x))
         if self.config.tie_embeddings:  # v1.0 rescales before reusing the embedding
             x = x * self.config.d_model ** -0.5
-        return self.lm_head(x)  # (B, T, V)
+        return self.lm_head(x, labels, loss_chunk)  # (B, T, V), or the loss with labels
+
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for the decoder's self-attention (``batch`` rows, up to ``max_len``
+        decoder positions) and its cross-attention keys, in the model's dtype and device."""
+        c, weight = self.config, self.lm_head.weight
+        return KVCache(c.n_decoder_layers, batch, c.n_heads, c.head_dim, max_len, weight.dtype,
+                       weight.device)
 
 
 def init_weights(model: T5) -> None:

@@ -52,9 +52,11 @@ class RelativePositionBias(nn.Module):
         self.bidirectional = bidirectional
         self.weight = nn.Parameter(torch.empty(num_buckets, n_heads))
 
-    def forward(self, Tq: int, Tk: int) -> Tensor:
+    def forward(self, Tq: int, Tk: int, query_offset: int = 0) -> Tensor:
+        """``query_offset``: the queries sit at positions offset..offset + Tq - 1 (a decode step
+        after cached ones)."""
         device = self.weight.device
-        query = torch.arange(Tq, device=device)[:, None]
+        query = torch.arange(query_offset, query_offset + Tq, device=device)[:, None]
         key = torch.arange(Tk, device=device)[None, :]
         buckets = relative_position_bucket(key - query, self.bidirectional, self.num_buckets,
                                            self.max_distance)  # (Tq, Tk)
