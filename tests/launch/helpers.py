@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from megatrain.metrics import wandb_log
 from tests.integration.helpers import REPO, TINY, env_for_tests, last_step, losses, metrics
 
 # The quickstart experiment, shrunk so a run takes seconds: every launch test trains this.
@@ -109,25 +109,9 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
 
 def wandb_records(path: Path) -> Iterator[object]:
     """The protobuf records of a ``run-<id>.wandb`` file (a LevelDB-style log of 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    pos, chunk, block = 7, b"", 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:
-            break
-        chunk += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            chunk = b""
-            yield record
+    yield from wandb_log.records(path)
 
 
 def wandb_offline_runs(run_dir: Path) -> list[dict]:
