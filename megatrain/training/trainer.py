@@ -265,9 +265,10 @@ class Trainer:
             loss = self.train_step(batches, measure_grad_norm=log_now)
             if self.data_ended:
                 break
-            if self.progress.step < step:  # rolled back: the window's steps were abandoned
-                loss_sum.zero_()
+            if self.progress.step < step:  # rolled back: this step and the window's are
+                loss_sum.zero_()  # abandoned; nothing of them is logged, evaluated or saved
                 steps_in_window = 0
+                continue
             if loss is not None:
                 loss_sum += loss
                 steps_in_window += 1
