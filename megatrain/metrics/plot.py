@@ -150,7 +150,8 @@ def draw(runs: list[RunMetrics], metrics: list[str], x: str, out: Path) -> list[
 
     cols = min(2, len(drawn))
     rows = math.ceil(len(drawn) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False,
+                             sharex=True)  # eval points line up with the train curves
     for ax, metric in zip(axes.flat, drawn, strict=False):
         for run in runs:
             if run.has(metric):
@@ -158,6 +159,7 @@ def draw(runs: list[RunMetrics], metrics: list[str], x: str, out: Path) -> list[
                 ax.plot(xs, ys, label=run.name, marker="o" if len(xs) < 12 else None, ms=3)
         ax.set_title(metric)
         ax.set_xlabel(x)
+        ax.tick_params(labelbottom=True)  # sharex hides them but on the bottom row
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(EngFormatter())
     for ax in list(axes.flat)[len(drawn):]:
