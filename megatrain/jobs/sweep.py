@@ -1,15 +1,18 @@
 """Hydra sweeps (``megatrain-train -m ...``): one run folder per job, a W&B group, a summary.
 
 Every job of a multirun gets its Hydra job folder (``hydra.sweep.dir``/``hydra.sweep.subdir``)
-as ``run.dir`` (unless ``run.dir`` is overridden) — without it all jobs would share
-``outputs/<run.name>`` and the second job would "resume" the first —, the name
+as ``run.dir`` (``run.dir=X`` given with ``-m`` sets ``hydra.sweep.dir``: megatrain/jobs/
+run_record.py) — without it all jobs would share ``outputs/<run.name>`` and the second job would
+"resume" the first —, the name
 ``<run.name>-<job number>`` (its W&B run name) and, unless ``logger.wandb.group`` is set, the W&B
 group ``<run.name>``. Rerunning the same sweep resumes each job from its folder.
 
 ``SweepSummary`` (a Hydra callback, listed in ``configs/config.yaml``) writes each job's outcome
 to ``<job dir>/sweep_result.json`` when the job ends — wherever it runs, so also inside a SLURM
 job — and, when the multirun ends, ``<sweep dir>/sweep_summary.json``: the final eval loss of every
-job and the best job's overrides, also logged to W&B when it is enabled. After a sweep that
+job and the best job's overrides, also logged to W&B (offline without an API key). The score is
+the job's final ``metric`` (``hydra.sweeper.metric`` under ``hydra/sweeper=optuna``, else
+``eval_loss``), best by ``hydra.sweeper.direction`` (else minimize). After a sweep that
 stopped early (a failed job makes Hydra stop before ``on_multirun_end``), write the summary of
 what finished with ``python -m megatrain.jobs.sweep SWEEP_DIR``.
 """
@@ -27,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("megatrain")
 RESULT_FILE = "sweep_result.json"
@@ -49,31 +52,51 @@ def prepare_sweep_job(cfg: DictConfig) -> None:
         return
     hydra = HydraConfig.get()
     name = cfg.run.name
-    if "run.dir" not in overridden_keys(list(hydra.overrides.task)):
-        cfg.run.dir = hydra.runtime.output_dir  # first: run.dir's default interpolates run.name
+    cfg.run.dir = hydra.runtime.output_dir  # first: run.dir's default interpolates run.name
     cfg.run.name = f"{name}-{hydra.job.num}"
     if cfg.logger.wandb.group is None:
         cfg.logger.wandb.group = name
 
 
+def objective(config: DictConfig) -> tuple[str, str]:
+    """The metric a sweep ranks jobs by and its direction (the Optuna sweeper's, or eval_loss
+    minimised)."""
+    metric = OmegaConf.select(config, "hydra.sweeper.metric", default=None) or "eval_loss"
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None) or "minimize"
+    return str(metric), str(direction)
+
+
+def job_metric(value: Any, metric: str = "eval_loss") -> float | None:
+    """A job's final ``metric`` from what its task function returned (its final eval metrics,
+    or a bare eval loss), or None when it has none or it is not finite."""
+    if isinstance(value, dict):
+        value = value.get(metric)
+    elif metric != "eval_loss":
+        value = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def job_result(config: DictConfig, job_return: JobReturn) -> dict[str, Any]:
-    """One job's line in the summary: its overrides, whether it finished, its final eval loss."""
+    """One job's line in the summary: its overrides, whether it finished, its final metrics."""
     completed = job_return.status == JobStatus.COMPLETED
     value, error = job_return.return_value if completed else None, None
     if not completed:  # return_value would re-raise; the field holds the job's exception
         err = job_return._return_value
         error = f"{type(err).__name__}: {err}"
-    eval_loss = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    metric, _ = objective(config)
     return {"job": int(config.hydra.job.num),
             "overrides": list(config.hydra.overrides.task),
-            "status": "completed" if completed else "failed",
-            "eval_loss": eval_loss, "error": error,
+            "status": "completed" if completed else "failed", "metric": metric, "value": job_metric(value, metric),
+            "eval_loss": job_metric(value), "error": error,
             "job_dir": str(config.hydra.runtime.output_dir),
             "config": str(Path(config.hydra.runtime.output_dir) / "config.yaml")}
 
 
-def summarize(sweep_dir: Path) -> dict[str, Any]:
-    """Collect every job's result under ``sweep_dir``; the best is the lowest final eval loss.
+def summarize(sweep_dir: Path, direction: str = "minimize") -> dict[str, Any]:
+    """Collect every job's result under ``sweep_dir``; the best has the lowest (``direction``
+    maximize: highest) final metric.
 
     Each job also gets ``swept``: its overrides that not every job shares (what the sweep varied).
     """
@@ -82,17 +105,24 @@ def summarize(sweep_dir: Path) -> dict[str, Any]:
     shared = set.intersection(*(set(job["overrides"]) for job in jobs)) if jobs else set()
     for job in jobs:
         job["swept"] = [o for o in job["overrides"] if o not in shared]
-    scored = [job for job in jobs if job["eval_loss"] is not None]
-    best = min(scored, key=lambda job: job["eval_loss"]) if scored else None
-    return {"sweep_dir": str(sweep_dir), "jobs": jobs, "best": best}
+    for job in jobs:  # results written before "metric"/"value" existed
+        job.setdefault("metric", "eval_loss")
+        job.setdefault("value", job["eval_loss"])
+    scored = [job for job in jobs if job["value"] is not None and job["status"] == "completed"]
+    pick = max if direction == "maximize" else min
+    best = pick(scored, key=lambda job: job["value"]) if scored else None
+    return {"sweep_dir": str(sweep_dir), "direction": direction, "jobs": jobs, "best": best}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: every job, best first, then the best config."""
     lines = [f"sweep {summary['sweep_dir']}: {len(summary['jobs'])} jobs"]
-    for job in sorted(summary["jobs"], key=_rank):
-        loss = f"{job['eval_loss']:.4f}" if job["eval_loss"] is not None else job["status"]
-        lines.append(f"  job {job['job']}  eval_loss {loss}  {' '.join(job['swept'])}")
+    sign = -1.0 if summary.get("direction") == "maximize" else 1.0
+    for job in sorted(summary["jobs"], key=lambda job: _rank(job, sign)):
+        score = f"{job['value']:.4f}" if job["value"] is not None else ""
+        state = "" if job["status"] == "completed" else f" ({job['status']})"
+        lines.append(f"  job {job['job']}  {job['metric']} {score}{state}  "
+                     f"{' '.join(job['swept'])}")
     best = summary["best"]
     if best:
         lines.append(f"best: job {best['job']} ({' '.join(best['swept'])}), "
@@ -100,13 +130,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rank(job: dict[str, Any]) -> tuple[bool, float]:
-    return job["eval_loss"] is None, job["eval_loss"] or 0.0
+def _rank(job: dict[str, Any], sign: float) -> tuple[bool, float]:
+    return job["value"] is None or job["status"] != "completed", sign * (job["value"] or 0.0)
 
 
-def write_summary(sweep_dir: Path) -> dict[str, Any]:
+def write_summary(sweep_dir: Path, direction: str = "minimize") -> dict[str, Any]:
     """Write ``sweep_summary.json`` and print the table of jobs."""
-    summary = summarize(sweep_dir)
+    summary = summarize(sweep_dir, direction)
     (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"{format_summary(summary)}\nsummary: {sweep_dir / SUMMARY_FILE}", flush=True)
     return summary
@@ -125,12 +155,14 @@ def log_summary_to_wandb(summary: dict[str, Any], cfg: DictConfig) -> None:
     run = wandb.init(project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
                      group=group, name=f"{group}-summary", job_type="sweep-summary", mode=mode,
                      dir=summary["sweep_dir"], config={"sweep_dir": summary["sweep_dir"]})
-    rows = [[job["job"], " ".join(job["swept"]), job["status"], job["eval_loss"]]
+    rows = [[job["job"], " ".join(job["swept"]), job["status"], job["eval_loss"], job["value"]]
             for job in summary["jobs"]]
-    run.log({"sweep": wandb.Table(columns=["job", "overrides", "status", "eval_loss"],
+    run.log({"sweep": wandb.Table(columns=["job", "overrides", "status", "eval_loss", "value"],
                                   data=rows)})
     if summary["best"]:
         run.summary["best_eval_loss"] = summary["best"]["eval_loss"]
+        run.summary["best_metric"] = summary["best"]["metric"]
+        run.summary["best_value"] = summary["best"]["value"]
         run.summary["best_overrides"] = " ".join(summary["best"]["swept"])
         run.summary["best_config"] = summary["best"]["config"]
         run.summary["best_job"] = summary["best"]["job"]
@@ -149,7 +181,7 @@ class SweepSummary(Callback):
                                        encoding="utf-8")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summary = write_summary(Path(config.hydra.sweep.dir))
+        summary = write_summary(Path(config.hydra.sweep.dir), objective(config)[1])
         log_summary_to_wandb(summary, config)
 
 
@@ -158,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not Path(args[0]).is_dir():
         sys.exit("usage: python -m megatrain.jobs.sweep SWEEP_DIR")
-    write_summary(Path(args[0]))
+    sweep_config = Path(args[0]) / "multirun.yaml"  # Hydra's sweepers write it
+    direction = objective(OmegaConf.load(sweep_config))[1] if sweep_config.is_file() else "minimize"
+    write_summary(Path(args[0]), direction)
 
 
 if __name__ == "__main__":

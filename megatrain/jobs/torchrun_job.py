@@ -1,14 +1,16 @@
-"""A Hydra sweep job under submitit (``hydra/launcher=slurm``) starts its own torchrun.
+"""A Hydra sweep job starts its own torchrun: under submitit (``hydra/launcher=slurm``) and under
+the basic launcher alike.
 
 Hydra multirun with distributed training is a known trap: if the process that Hydra runs the task
-function in became a rank, every rank would also be a sweep driver. So under the submitit launcher
-(one task per node, ``tasks_per_node: 1``) the task function does not train. It re-launches
+function in became a rank, every rank would also be a sweep driver. So in a sweep job (the basic
+launcher's, or submitit's with one task per node, ``tasks_per_node: 1``) the task function does not
+train. It re-launches
 
     python -m torch.distributed.run --nnodes N --nproc-per-node P <rendezvous> \
         -m megatrain.train <the job's overrides> run.dir=<job dir> run.name=... logger.wandb.group=...
 
 on each node of the job (c10d rendezvous on the job's first node; ``--standalone`` on one node),
-waits, and returns the final eval loss that the trainer reports in its exit status
+waits, and returns the final eval metrics that the trainer reports in its exit status
 (``megatrain.jobs.exit_status``). Ranks per node: ``$NPROC_PER_NODE``, else
 ``hydra.launcher.gpus_per_node``, else 1.
 
@@ -55,12 +57,11 @@ class SweepJobFailed(RuntimeError):
     """The trainer of a sweep job ended with an error; Hydra marks the job failed."""
 
 
-def in_submitit_job() -> bool:
-    """True inside a sweep job that hydra-submitit-launcher started (SLURM or local)."""
-    if not in_multirun():
-        return False
-    target = str(HydraConfig.get().launcher.get("_target_", ""))
-    return "hydra_submitit_launcher" in target
+def in_sweep_job() -> bool:
+    """True inside a job of a multirun, whatever its launcher: the basic launcher runs jobs one
+    after another in the Hydra process, which cannot host a second DeepSpeed run (its process
+    groups stay cached) nor survive a job's ``sys.exit``; so every job gets its own torchrun."""
+    return in_multirun()
 
 
 def _override(key: str, value: Any) -> str:
@@ -191,8 +192,8 @@ def _log_to_stderr() -> None:
         log.propagate = False
 
 
-def run_sweep_job(cfg: DictConfig) -> float | None:
-    """Train this sweep job under torchrun; its final eval loss, or requeue on exit 75."""
+def run_sweep_job(cfg: DictConfig) -> dict[str, float] | None:
+    """Train this sweep job under torchrun; its final eval metrics, or requeue on exit 75."""
     _log_to_stderr()
     status_path = Path(tempfile.gettempdir()) / f"megatrain-exit-{os.getpid()}.json"
     status_path.unlink(missing_ok=True)
@@ -213,4 +214,4 @@ def run_sweep_job(cfg: DictConfig) -> float | None:
         raise SweepJobFailed(f"trainer exited {code}: {status.get('message') or describe(code)}")
     result = status.get("result") or {}
     log.info("sweep job: result %s", json.dumps(result))
-    return result.get("eval_loss")
+    return result
