@@ -39,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,29 +64,45 @@ continuation ids)."""
 
 
 def _lm_eval() -> Any:
-    """The ``lm_eval`` package (offline), or a ConfigError naming the extra that installs it."""
-    offline()
+    """The ``lm_eval`` package, or a ConfigError naming the extra that installs it."""
     try:
         import lm_eval
-        import lm_eval.api.model
+        import lm_eval.api.model  # the adapter's base class
     except ImportError as exc:
         raise ConfigError(f"lm-eval tasks need lm-evaluation-harness: {EXTRA}") from exc
     return lm_eval
 
 
-def offline() -> None:
-    """No hub access from here on: the environment for what imports next, and the flags of
-    ``huggingface_hub`` / ``datasets`` when they were imported already."""
-    for name in OFFLINE:
-        os.environ[name] = "1"
-    hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None:
-        hub.HF_HUB_OFFLINE = True
-    datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None:
-        datasets_config.HF_HUB_OFFLINE = True
-        if hasattr(datasets_config, "HF_DATASETS_OFFLINE"):
-            datasets_config.HF_DATASETS_OFFLINE = True
+_FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+          ("datasets.config", "HF_DATASETS_OFFLINE"))
+"""Where ``huggingface_hub`` and ``datasets`` keep what they read from the environment at
+import."""
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """No hub access inside: ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set in the environment
+    (for what imports here) and in the flags of ``huggingface_hub`` / ``datasets`` (imported
+    already); afterwards the environment is put back and the flags follow it again."""
+    env = {name: os.environ.get(name) for name in OFFLINE}
+    os.environ.update(dict.fromkeys(OFFLINE, "1"))
+    _set_flags(lambda attr: True)
+    try:
+        yield
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _set_flags(lambda attr: os.environ.get(attr, "").upper() in {"1", "ON", "YES", "TRUE"})
+
+
+def _set_flags(value: Callable[[str], bool]) -> None:
+    for module, attr in _FLAGS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, attr):
+            setattr(loaded, attr, value(attr))
 
 
 # --- the native adapter's pieces (pure functions: the class below only wires them) ------------
@@ -294,14 +310,15 @@ def run_harness(checkpoint: str, tasks: Sequence[str], *, backend: str = "native
     names = [t.strip() for t in tasks if t.strip()]
     if not names:
         raise ConfigError("lm-eval: no task named (--task lm-eval:TASK[,TASK...])")
-    lm_eval = _lm_eval()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manager = _task_manager(include_path, names)
     start = time.perf_counter()
-    with _model(checkpoint, backend, batch_size, device) as lm:
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
-                                          limit=limit, num_fewshot=num_fewshot,
-                                          log_samples=log_samples)
+    with offline():
+        lm_eval = _lm_eval()
+        manager = _task_manager(include_path, names)
+        with _model(checkpoint, backend, batch_size, device) as lm:
+            results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
+                                              limit=limit, num_fewshot=num_fewshot,
+                                              log_samples=log_samples)
     result = {
         "task": "lm-eval:" + ",".join(names),
         "checkpoint": checkpoint,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ pytest.importorskip("accelerate")  # HFLM
 
 from megatrain.cli.eval import main as eval_main
 from megatrain.errors import ConfigError
-from megatrain.eval.lm_harness import crop, run_harness
+from megatrain.eval.lm_harness import crop, offline, run_harness
 from tests.unit.eval_fixtures import DOCS, tiny_checkpoint
 
 TASKS = ["tiny_mc", "tiny_roll", "tiny_gen"]
@@ -155,6 +156,19 @@ def test_result_says_what_ran(runs: dict, task_dir: Path) -> None:
 def test_crop_keeps_the_continuation() -> None:
     assert crop([1, 2, 3], [4, 5], 10) == [1, 2, 3, 4]
     assert crop([1, 2, 3, 4, 5], [6, 7], 4) == [3, 4, 5, 6]
+
+
+def test_offline_only_while_the_harness_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    with offline():
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+        assert hub.HF_HUB_OFFLINE is True
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert hub.HF_HUB_OFFLINE is False
 
 
 def test_megatrain_eval_route(tmp_path: Path, task_dir: Path) -> None:
