@@ -4,6 +4,11 @@ A model returns token logits (B, T, V) for the language-model objectives (clm, m
 seq2seq), class logits (B, C) for classification, or ``(mlm_logits, nsp_logits)`` for BERT's
 masked LM with sentence-pair prediction. Labels of -100 are ignored throughout.
 
+With a chunked loss (``trainer.chunked_loss``, :func:`loss_chunk`) the model gets the labels
+too and returns, in place of the token logits, their cross-entropy already summed over the
+labelled tokens (a 0-dim fp32 tensor, ``megatrain.models.common.chunked_ce``): the whole
+(tokens, vocab) logits never exist. Both give the same loss and gradients.
+
 MLM + NSP is trained, as in BERT and Hugging Face's ``BertForPreTraining``, on the sum of the
 two mean losses; both parts are logged.
 """
@@ -17,19 +22,59 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatrain.data.stream.objectives import IGNORE
+from megatrain.errors import ConfigError
 
 LABEL_KEYS = ("labels", "nsp_labels")  # batch keys that are targets, not model inputs
 
 Outputs = Tensor | tuple[Tensor, Tensor]
 
 
-def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The batch's model inputs (every key but the targets), on ``device``."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in LABEL_KEYS}
+# Each chunk holds about CHUNK_LOGITS logits (128 MB in fp32: 256 rows of a 128k vocabulary);
+# auto chunks a micro-batch whose logits reach AUTO_MIN_LOGITS (0.5 GB in fp32, about 2 GB of
+# loss peak, and at least 4 chunks): below that the recomputed matmul costs more than the
+# memory is worth (tools/bench_loss_memory.py, docs/benchmarks.md).
+AUTO_MIN_LOGITS = 1 << 27
+CHUNK_LOGITS = 1 << 25
+CHUNKED_LOSS = ("auto", "on", "off")
+
+
+def check_chunked_loss(setting: str) -> str:
+    """``setting`` if it is a ``trainer.chunked_loss`` value, else a ConfigError."""
+    if setting not in CHUNKED_LOSS:
+        raise ConfigError(f"trainer.chunked_loss={setting!r} is not one of "
+                          f"{', '.join(CHUNKED_LOSS)}")
+    return setting
+
+
+def loss_chunk(setting: str, vocab_size: int, tokens: int) -> int:
+    """Rows of logits per chunk of the loss for micro-batches of ``tokens`` output tokens over
+    ``vocab_size`` classes; 0: the whole logits (``off``, or ``auto`` below AUTO_MIN_LOGITS)."""
+    check_chunked_loss(setting)
+    if setting == "off" or (setting == "auto" and vocab_size * tokens < AUTO_MIN_LOGITS):
+        return 0
+    return max(1, min(tokens, CHUNK_LOGITS // vocab_size))
+
+
+def model_inputs(batch: dict[str, Tensor], device: torch.device, chunked_loss: str = "off",
+                 vocab_size: int = 0) -> dict[str, Tensor | int]:
+    """The batch's model inputs (every key but the targets), on ``device``. Where
+    ``chunked_loss`` (auto|on|off) chunks this batch's token loss (:func:`loss_chunk`), also its
+    token labels and the chunk size: the model then returns the loss summed, not the logits."""
+    inputs: dict[str, Tensor | int] = {k: v.to(device, non_blocking=True)
+                                       for k, v in batch.items() if k not in LABEL_KEYS}
+    labels = batch.get("labels")
+    if chunked_loss != "off" and labels is not None and labels.dim() == 2:  # token labels
+        chunk = loss_chunk(chunked_loss, vocab_size, labels.numel())
+        if chunk:
+            inputs |= {"labels": labels.to(device, non_blocking=True), "loss_chunk": chunk}
+    return inputs
 
 
 def _ce(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
-    """Cross-entropy in fp32 over every position with a label (tokens or rows)."""
+    """Cross-entropy in fp32 over every position with a label (tokens or rows); ``logits`` may
+    be that sum already (a 0-dim tensor: the model's chunked loss)."""
+    if logits.dim() == 0:
+        return logits if reduction == "sum" else logits / _labelled(labels)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE, reduction=reduction)
 

@@ -50,6 +50,7 @@ from megatrain.config.validate import check_engine_setup
 from megatrain.errors import ConfigError
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.models.spec import ActivationShape
+from megatrain.training.losses import loss_chunk
 
 GB = 1e9
 _DS = DeepSpeedConfig()  # the schema's defaults, for calls that leave settings out
@@ -64,7 +65,7 @@ MASTER, ADAM, STEP = 4, 8, 4  # fp32 master; fp32 exp_avg + exp_avg_sq; AdamW's 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # The loss's peak per token and vocabulary entry: the fp32 log-softmax output that cross-entropy
 # keeps plus the fp32 gradients of the loss and of the log-softmax input (trainer._loss casts the
-# logits to fp32).
+# logits to fp32). A chunked loss (trainer.chunked_loss) has this peak for one chunk of rows.
 LOSS_BYTES_PER_LOGIT = 12
 
 GPU_ROWS = ("parameters", "gradients", "optimizer", "activations", "overhead")
@@ -350,6 +351,7 @@ class Activations:
     recompute: int
     head: int
     loss: int
+    loss_chunk: int = 0  # rows of logits at a time (chunked loss); 0: all of them
 
     @property
     def total(self) -> int:
@@ -367,14 +369,15 @@ def decoder_length(seq_len: int, noise_density: float = 0.15, mean_span: float =
 
 def activation_bytes(config: Any, family: str, *, precision: str, micro_batch_size: int,
                      seq_len: int, activation_checkpointing: bool = False,
-                     decoder_len: int | None = None) -> Activations:
+                     decoder_len: int | None = None, chunked_loss: str = "auto") -> Activations:
     """Estimated activation memory of one micro-batch at its peak (the end of the forward).
 
     Per block and token, in activation-dtype units: 2 norms + attention + MLP (a GPT-2 block: 9d
     + 2·d_ff = 17d, ×2 bytes = Korthikanti's 34·h). Dropout > 0 adds two 1-byte masks of d. With
     activation checkpointing only each block's input (d) is kept, plus one block recomputed in
     the backward. Then the head, and the loss: logits in the model dtype plus 12 bytes of fp32
-    per logit (``LOSS_BYTES_PER_LOGIT``).
+    per logit (``LOSS_BYTES_PER_LOGIT``), for every output token, or with a chunked loss
+    (``chunked_loss``, ``losses.loss_chunk``) for one chunk's rows (:func:`loss_bytes`).
     """
     b = PRECISION_BYTES[precision]
     tokens = micro_batch_size * seq_len
@@ -398,8 +401,20 @@ def activation_bytes(config: Any, family: str, *, precision: str, micro_batch_si
     else:
         blocks, recompute = sum(t * u for t, u in per_block), 0
     head = out_tokens * _head_units(shape, b) * d * b
-    loss = out_tokens * config.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
-    return Activations(int(blocks + extra), int(recompute), int(head), int(loss))
+    rows = loss_chunk(chunked_loss, config.vocab_size, out_tokens)
+    loss = loss_bytes(config.vocab_size, d, out_tokens, b, rows)
+    return Activations(int(blocks + extra), int(recompute), int(head), int(loss), rows)
+
+
+def loss_bytes(vocab_size: int, d_model: int, tokens: int, b: int, rows: int = 0) -> int:
+    """The loss's peak over ``tokens`` output tokens in a ``b``-byte dtype: the logits and the
+    fp32 cross-entropy of all of them, or of ``rows`` at a time (a chunked loss), which also
+    keeps one fp32 log-sum-exp per token and, below fp32, an fp32 accumulator of the head
+    weight's gradient plus each chunk's part of it (vocab x d each)."""
+    if not rows:
+        return tokens * vocab_size * (b + LOSS_BYTES_PER_LOGIT)
+    extra = 4 * tokens + (0 if b == 4 else vocab_size * d_model * (4 + b))
+    return rows * vocab_size * (b + LOSS_BYTES_PER_LOGIT) + extra
 
 
 def _masks(config: Any, n: int) -> int:
@@ -417,7 +432,7 @@ def plan_memory(model_cfg: ModelConfig | Any, family: str, *, zero_stage: int, o
                 reduce_bucket_size: int = _DS.reduce_bucket_size,
                 overlap_comm: bool = _DS.overlap_comm,
                 stage3_prefetch_bucket_size: int = _DS.stage3_prefetch_bucket_size,
-                decoder_len: int | None = None) -> MemoryPlan:
+                decoder_len: int | None = None, chunked_loss: str = "auto") -> MemoryPlan:
     """The memory plan of one training setup. ``model_cfg`` is a ``model`` config (a size and/or
     dims, resolved with ``vocab_size``) or an already resolved family config. ``precision`` auto
     means bf16 (a GPU that has it)."""
@@ -435,12 +450,13 @@ def plan_memory(model_cfg: ModelConfig | Any, family: str, *, zero_stage: int, o
     acts = activation_bytes(config, family, precision=precision,
                             micro_batch_size=micro_batch_size, seq_len=seq_len,
                             activation_checkpointing=activation_checkpointing,
-                            decoder_len=decoder_len)
+                            decoder_len=decoder_len, chunked_loss=chunked_loss)
     items += [Item("activations", "gpu", acts.blocks, "blocks" + (
                    " (checkpointed: their inputs)" if activation_checkpointing else "")),
               Item("activations", "gpu", acts.recompute, "one block recomputed in the backward"),
               Item("activations", "gpu", acts.head, "final norm and head inputs"),
-              Item("activations", "gpu", acts.loss, "logits and the fp32 loss peak"),
+              Item("activations", "gpu", acts.loss, "logits and the fp32 loss peak" + (
+                  f" ({acts.loss_chunk} rows at a time)" if acts.loss_chunk else "")),
               Item("overhead", "gpu", CUDA_CONTEXT_BYTES, "CUDA context and workspaces")]
     return MemoryPlan(family, sum(map(sum, groups)), zero_stage, precision, world_size,
                       micro_batch_size, seq_len, tuple(items), gpu_gb)
@@ -464,7 +480,7 @@ def plan_from_config(cfg: Config, world_size: int,
         vocab_size=m.vocab_size or data.vocab_size, gpu_gb=gpu_gb,
         grad_accum_steps=t.grad_accum_steps, reduce_bucket_size=ds.reduce_bucket_size,
         overlap_comm=ds.overlap_comm, stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
-        decoder_len=dec)
+        decoder_len=dec, chunked_loss=t.chunked_loss)
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -505,6 +521,6 @@ def _details(plan: MemoryPlan, device: str, row: str) -> list[str]:
             if i.device == device and i.row == row and i.nbytes]
 
 
-__all__ = ["Activations", "Item", "MemoryPlan", "activation_bytes", "format_plan",
+__all__ = ["Activations", "Item", "MemoryPlan", "activation_bytes", "format_plan", "loss_bytes",
            "model_state_items", "param_groups", "plan_from_config", "plan_memory",
            "stage3_subgroups", "zero12_partition"]

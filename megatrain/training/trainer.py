@@ -46,6 +46,7 @@ from megatrain.training.engine import initialize_engine, resolve_precision
 from megatrain.training.epochs import EpochPlan, FiniteBatches
 from megatrain.training.fault_injection import FaultInjection
 from megatrain.training.losses import (
+    check_chunked_loss,
     eval_metric_names,
     eval_metrics,
     eval_sums,
@@ -92,6 +93,9 @@ class Trainer:
         self.spec = get_model_spec(cfg.model.family)
         self.task = self._task()
         self.model_cfg, model = self._build_model()
+        # the token loss chunked by the model (trainer.chunked_loss), for model_inputs
+        self._chunked_loss = (check_chunked_loss(cfg.trainer.chunked_loss),
+                              self.model_cfg.vocab_size)
         self.objective = self._build_objective()
         self.epoch_plan = self._epoch_plan()  # before the engine: it sets the schedule's length
         self.resume_layout = "same" if self.resume_from is None else ckpt.resume_layout(
@@ -468,7 +472,7 @@ class Trainer:
     def _loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
         """The objective's loss over the labelled positions (their mean, or sum); its parts
         (MLM + NSP) are summed for the log on the device."""
-        outputs = self.engine(**model_inputs(batch, self.device))
+        outputs = self.engine(**model_inputs(batch, self.device, *self._chunked_loss))
         loss, parts = training_loss(outputs, batch, reduction)
         for name, value in parts.items():
             self._parts[name] = self._parts.get(name, 0.0) + value
@@ -486,8 +490,8 @@ class Trainer:
                 micro_batch_size=self.cfg.trainer.micro_batch_size, rank=self.world.rank,
                 world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps,
                 objective=self.objective, io=self.stream.config.io):
-            for name, value in eval_sums(self.engine(**model_inputs(batch, self.device)),
-                                         batch).items():
+            inputs = model_inputs(batch, self.device, *self._chunked_loss)
+            for name, value in eval_sums(self.engine(**inputs), batch).items():
                 sums[name] = sums[name] + value if name in sums else value
         self.engine.train()
         names = sorted(set(sums) | {"loss", "count"})  # a rank without eval data still joins

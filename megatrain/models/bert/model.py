@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from megatrain.errors import ConfigError
 from megatrain.models.common.attention import AttnMask, SelfAttention
 from megatrain.models.common.base import ModelBase, TransformerConfig
+from megatrain.models.common.chunked_ce import LMHead
 from megatrain.models.common.layers import Block, GeluMLP
 from megatrain.models.common.positions import batch_mask, token_positions
 from megatrain.models.flops import palm_flops_per_token
@@ -115,16 +116,17 @@ class PostNormBlock(nn.Module):
 
 class MLMHead(nn.Module):
     """dense -> GELU -> LayerNorm -> decoder; the model ties ``decoder.weight`` to the word
-    embeddings, the bias is the head's own."""
+    embeddings, the bias is the head's own. With labels the decoder returns the summed loss
+    (``LMHead``): the transform runs on every token, only the decoder's logits are chunked."""
 
     def __init__(self, d_model: int, vocab_size: int, eps: float) -> None:
         super().__init__()
         self.dense = nn.Linear(d_model, d_model)
         self.ln = nn.LayerNorm(d_model, eps=eps)
-        self.decoder = nn.Linear(d_model, vocab_size)
+        self.decoder = LMHead(d_model, vocab_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.ln(F.gelu(self.dense(x))))
+    def forward(self, x: Tensor, labels: Tensor | None = None, loss_chunk: int = 0) -> Tensor:
+        return self.decoder(self.ln(F.gelu(self.dense(x))), labels, loss_chunk)
 
 
 class Pooler(nn.Module):
@@ -196,11 +198,14 @@ class Bert(ModelBase[BertConfig]):
         init_bert_weights(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                doc_ids: Tensor | None = None, token_type_ids: Tensor | None = None
+                doc_ids: Tensor | None = None, token_type_ids: Tensor | None = None, *,
+                labels: Tensor | None = None, loss_chunk: int = 0
                 ) -> Tensor | tuple[Tensor, Tensor]:
         """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
         ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting;
-        ``token_type_ids`` (B, T): segments, all 0 when None (no sentence pairs in pretraining)."""
+        ``token_type_ids`` (B, T): segments, all 0 when None (no sentence pairs in pretraining);
+        ``labels`` (B, T): the MLM loss summed over the labelled tokens in place of the token
+        logits (``LMHead``); a classifier ignores them."""
         self.check_seq_len(input_ids.size(1))
         pos = token_positions(input_ids, doc_ids)  # (T,) or (B, T)
         types = self.type_emb.weight[0] if token_type_ids is None \
@@ -213,7 +218,7 @@ class Bert(ModelBase[BertConfig]):
         x = self.ln_f(x)
         if self.config.num_labels:  # HF applies dropout to the pooled output, then classifies
             return self.classifier(self.drop(self.pooler(x)))  # (B, num_labels)
-        logits = self.head(x)  # (B, T, V)
+        logits = self.head(x, labels, loss_chunk)  # (B, T, V), or the summed loss
         if self.config.nsp:
             return logits, self.nsp_head(self.pooler(x))  # (B, 2): 0 = B follows A
         return logits
