@@ -161,3 +161,30 @@ def test_the_reader_stops_at_a_torn_or_corrupt_chunk(offline: Config, tmp_path: 
     assert steps == list(range(1, len(steps) + 1)) and 10 < len(steps) < 1999
     path.write_bytes(data[:20000] + bytes([data[20000] ^ 1]) + data[20001:])
     assert len(wandb_log.history(path)) < len(steps)
+
+
+class _ServerRun:
+    """A W&B run as an online resume leaves it: the server holds steps up to 7."""
+
+    def __init__(self, folder: Path) -> None:
+        self.id, self.dir, self.starting_step = "abc", str(folder / "files"), 8
+        self.sent: list[int] = []
+
+    def log(self, values: dict, step: int) -> None:
+        self.sent.append(step)
+
+
+def test_online_the_server_says_what_wandb_holds(tmp_path: Path) -> None:
+    """Online, a resume also asks the server: it resumes the run after its last step (no server
+    here, so the run is a stand-in with ``starting_step``); only the steps it lacks are sent."""
+    from megatrain.metrics.wandb_sink import WandbSink
+
+    sink = WandbSink(Config().logger.wandb, "online", tmp_path, "run", {})
+    sink.run = _ServerRun(tmp_path / "wandb" / "run-20260101_000000-abc")
+    sink.through = sink._held_by_wandb()
+    assert sink.through == 7
+    sink.go_back(10, [{"step": s, "loss": 1.0} for s in range(1, 13)])  # resumed at step 10
+    sink.log({"step": 11, "loss": 2.0})
+    assert sink.run.sent == [8, 9, 10]  # 11 waits for the next checkpoint
+    sink.commit()
+    assert sink.run.sent == [8, 9, 10, 11]
