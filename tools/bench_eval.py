@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatrain.data.tokenizer import Tokenizer
 from megatrain.eval.inputs import TextDoc
 from megatrain.eval.lm import perplexity
 from megatrain.eval.model import EvalModel
