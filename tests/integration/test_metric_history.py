@@ -1,7 +1,7 @@
 """One metric history per run, on real runs with W&B offline: after a SIGKILL and a resume from
 a checkpoint 10 steps back, and after a loss-spike rollback, ``metrics.jsonl`` and the W&B
 history (read back from W&B's own transaction logs, what ``wandb sync`` uploads) hold each step
-once, the surviving timeline's."""
+once, the surviving timeline's — also across a SIGTERM and requeue."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from megatrain.errors import EXIT_REQUEUE
 from megatrain.metrics import wandb_log
 from tests.integration.helpers import REPO, TINY, env_for_tests, losses, metrics, module_command
 
@@ -30,11 +31,12 @@ def _args(run_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
                                     *overrides])
 
 
-def _train(run_dir: Path, data_dir: Path, *overrides: str, env: dict | None = None) -> str:
+def _train(run_dir: Path, data_dir: Path, *overrides: str, env: dict | None = None,
+           code: int = 0) -> str:
     result = subprocess.run(_args(run_dir, data_dir, *overrides), cwd=REPO,
                             env=env or env_for_tests(), capture_output=True, text=True,
                             timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == code, result.stderr[-3000:]
     return result.stderr
 
 
@@ -46,10 +48,15 @@ def _kill_tree(proc: subprocess.Popen[str]) -> None:
     proc.wait()
 
 
+def _run_id(run_dir: Path, step: int) -> str:
+    """The W&B run the checkpoint of ``step`` names."""
+    path = run_dir / "checkpoints" / f"step_{step}" / "rank0.pt"
+    return torch.load(path, weights_only=False)["wandb_run_id"]
+
+
 def _wandb_losses(run_dir: Path) -> dict[int, float]:
     """The training losses of the W&B run the final checkpoint names, each step once."""
-    state = torch.load(run_dir / "checkpoints" / "step_20" / "rank0.pt", weights_only=False)
-    rows = [r for r in wandb_log.run_history(run_dir / "wandb", state["wandb_run_id"])
+    rows = [r for r in wandb_log.run_history(run_dir / "wandb", _run_id(run_dir, 20))
             if "loss" in r]
     steps = [r["_step"] for r in rows]
     assert len(steps) == len(set(steps)), f"steps logged twice to W&B: {steps}"
@@ -90,14 +97,18 @@ def test_sigkill_and_resume_from_ten_steps_back(tmp_path: Path, prepared_dir: Pa
     assert aside == [(s, uninterrupted[s], "resume") for s in range(11, 21)]
 
 
-def test_spike_rollback_leaves_the_surviving_rows_in_both(tmp_path: Path,
-                                                          prepared_dir: Path) -> None:
+def test_spike_rollback_then_a_requeue_leaves_the_surviving_rows_in_both(
+        tmp_path: Path, prepared_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    env = env_for_tests() | {"MEGATRAIN_FAULT_SPIKE": "14"}  # loss × 20 at step 14
+    # loss × 20 at step 14 (rolled back to step 10), then a SIGTERM at step 17 (save, exit 75)
+    env = env_for_tests() | {"MEGATRAIN_FAULT_SPIKE": "14", "MEGATRAIN_FAULT_PREEMPT": "17"}
     stderr = _train(run_dir, prepared_dir, "trainer.spike_policy=rollback",
-                    "trainer.spike_zscore=4", env=env)
+                    "trainer.spike_zscore=4", env=env, code=EXIT_REQUEUE)
     assert "step 14: rolled back to step_10" in stderr
+    stopped_in = _run_id(run_dir, 17)
+    _train(run_dir, prepared_dir, "trainer.spike_policy=rollback", "trainer.spike_zscore=4")
     jsonl = _one_row_per_step(run_dir)
     assert _wandb_losses(run_dir) == jsonl
+    assert _run_id(run_dir, 20) == stopped_in  # the requeued run continued the same W&B run
     aside = [(r["step"], r["reason"]) for r in _abandoned(run_dir)]
     assert aside == [(s, "rollback") for s in range(11, 14)]  # the abandoned timeline's rows
