@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,12 +27,12 @@ VOCAB = 512
 DIMS = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "max_seq_len": 32}
 
 
-def tokenizer_file(root: Path) -> Path:
-    path = root / "tok" / "tokenizer.model"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        train_tokenizer([CORPUS], path, VOCAB)
-    return path
+@functools.cache
+def _trained_tokenizer() -> Path:
+    """Trained once per test process (a few seconds), copied into each checkpoint."""
+    folder = Path(tempfile.mkdtemp(prefix="megatrain-eval-tok-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return train_tokenizer([CORPUS], folder / "tokenizer.model", VOCAB)
 
 
 def tiny_checkpoint(root: Path, family: str, *, num_labels: int = 0, seed: int = 0,
@@ -44,7 +48,7 @@ def tiny_checkpoint(root: Path, family: str, *, num_labels: int = 0, seed: int =
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ckpt = write_stage0_checkpoint(root / family / "ckpt", family, model, tokenizer_file(root))
+    ckpt = write_stage0_checkpoint(root / family / "ckpt", family, model, _trained_tokenizer())
     if labels is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
         (ckpt / "meta.json").write_text(json.dumps(meta | {"labels": labels}))
