@@ -97,9 +97,12 @@ def next_token(logits: Tensor, sampling: Sampling, seen: Tensor | None = None,
 
 
 def _call(model: nn.Module, ids: Tensor, **kwargs: Any) -> Tensor:
-    """``model(ids, ...)`` passing only the arguments that are set (a plain causal LM takes
-    ``model(ids)``)."""
-    return model(ids, **{k: v for k, v in kwargs.items() if v is not None})
+    """The last position's logits (B, V) of ``model(ids, ...)``, passing only the arguments
+    that are set (a plain causal LM takes ``model(ids)``); a megatrain decoder computes the
+    head for that position alone."""
+    if hasattr(model, "new_cache"):
+        kwargs["last_only"] = True
+    return model(ids, **{k: v for k, v in kwargs.items() if v is not None})[:, -1]
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -141,7 +144,7 @@ class _CausalLM:
         mask = None if self.mask is None else self.mask[:, self.start:self.length]
         return _call(self.model, ids, attention_mask=mask,
                      positions=None if mask is None else _positions(mask),
-                     cache=self.cache)[:, -1]
+                     cache=self.cache)
 
     def append(self, token: Tensor) -> Tensor:
         """Add (B,) tokens; the next step's logits (B, V)."""
@@ -154,14 +157,14 @@ class _CausalLM:
         mask = None if self.mask is None else self.mask[:, self.start:self.length]
         positions = None if mask is None else _positions(mask)[:, -1:]
         return _call(self.model, self.ids[:, self.length - 1:self.length], attention_mask=mask,
-                     positions=positions, cache=self.cache)[:, -1]
+                     positions=positions, cache=self.cache)
 
     def _window(self) -> Tensor:
         """Re-run the last ``max_seq_len`` tokens (no cache)."""
         lo = max(0, self.length - self.window)
         mask = None if self.mask is None else self.mask[:, lo:self.length]
         return _call(self.model, self.ids[:, lo:self.length], attention_mask=mask,
-                     positions=None if mask is None else _positions(mask))[:, -1]
+                     positions=None if mask is None else _positions(mask))
 
 
 class _EncoderDecoder:

@@ -78,13 +78,14 @@ class DecoderLM(ModelBase[ConfigT]):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 doc_ids: Tensor | None = None, *, positions: Tensor | None = None,
                 cache: KVCache | None = None, labels: Tensor | None = None,
-                loss_chunk: int = 0) -> Tensor:
+                loss_chunk: int = 0, last_only: bool = False) -> Tensor:
         """``attention_mask`` (B, T): 1 for tokens, 0 for padding (as in Hugging Face);
         ``doc_ids`` (B, T): packed documents, each attending only to itself, positions restarting.
 
         Generation: ``positions`` (B, T) are the tokens' position ids; with a ``cache`` (see
         :meth:`new_cache`) ``input_ids`` are only the new tokens, ``attention_mask`` covers the
-        cached and the new ones (B, L + T), and the cache advances by T.
+        cached and the new ones (B, L + T), and the cache advances by T. ``last_only``: only the
+        last position's logits (B, 1, V), sparing the head's matmul over a prompt.
 
         Training: with ``labels`` (B, T) the model returns the summed cross-entropy over the
         labelled tokens (an fp32 scalar) instead of the logits, ``loss_chunk`` rows of logits at a
@@ -102,6 +103,8 @@ class DecoderLM(ModelBase[ConfigT]):
             for block, layer in zip(self.blocks, cache.layers, strict=True):
                 x = block(x, rope, mask, layer)  # (B, T, C)
             cache.advance(input_ids.size(1))
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.ln_f(x), labels, loss_chunk)  # (B, T, V) or the loss
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
