@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,17 +66,19 @@ class ConsoleSink:
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a checkpoint left the metrics: its step, the rows ``metrics.jsonl`` had when it was
-    saved (None: a checkpoint from before this was recorded) and its W&B run."""
+    saved (None: a checkpoint from before this was recorded) and its W&B run; ``elsewhere``: it
+    belongs to another run folder, which holds its rows and its W&B run's logs."""
 
     step: int
     rows: int | None = None
     wandb_run_id: str | None = None
+    elsewhere: bool = False
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> ResumePoint:
+    def from_state(cls, state: dict[str, Any], elsewhere: bool = False) -> ResumePoint:
         """From a checkpoint's rank state (``progress``, ``metrics_rows``, ``wandb_run_id``)."""
         return cls(state["progress"]["step"], state.get("metrics_rows"),
-                   state.get("wandb_run_id"))
+                   state.get("wandb_run_id"), elsewhere)
 
 
 class JsonlSink:
@@ -209,10 +211,13 @@ class MetricSinks:
 def build_sinks(cfg: Config, run_dir: Path, resume: ResumePoint | None,
                 config_dict: dict[str, Any]) -> MetricSinks:
     """The sinks rank 0 writes to, on the timeline of the checkpoint ``resume`` describes (None:
-    a run from scratch; rows already in the run folder are moved aside)."""
-    jsonl = JsonlSink(run_dir / "metrics.jsonl", resume)
+    a run from scratch; rows already in the run folder are moved aside). From another folder's
+    checkpoint this folder's history starts after its step, in a W&B run forked from its run."""
+    here = replace(resume, rows=0) if resume and resume.elsewhere else resume
+    jsonl = JsonlSink(run_dir / "metrics.jsonl", here)
     start = resume.step if resume else 0
     wandb = WandbSink.create(cfg.logger.wandb, run_dir, cfg.run.name, config_dict,
-                             resume.wandb_run_id if resume else None, start, jsonl.surviving())
+                             resume.wandb_run_id if resume else None, start, jsonl.surviving(),
+                             fork=bool(resume and resume.elsewhere))
     return MetricSinks(ConsoleSink(cfg.trainer.max_steps, start, cfg.logger.progress),
                        jsonl, wandb)

@@ -76,16 +76,21 @@ class WandbSink:
 
     @classmethod
     def create(cls, cfg: WandbConfig, run_dir: Path, name: str, config: dict[str, Any],
-               run_id: str | None, step: int, surviving: list[dict[str, Any]]) -> WandbSink | None:
-        """The sink of a run starting (or resuming at ``step``, continuing W&B run ``run_id``)
-        whose surviving rows so far are ``surviving``; None when W&B is disabled."""
+               run_id: str | None, step: int, surviving: list[dict[str, Any]],
+               fork: bool = False) -> WandbSink | None:
+        """The sink of a run starting (or resuming at ``step``, continuing W&B run ``run_id``, or
+        with ``fork`` a new run forked from it there) whose surviving rows so far are
+        ``surviving``; None when W&B is disabled."""
         mode = resolve_mode(cfg.mode)
         if mode == "disabled":
             return None
         sink = cls(cfg, mode, run_dir, name, config)
-        sink._init(run_id)
-        if run_id is not None:
-            sink.through = sink._held_by_wandb()
+        if fork and run_id is not None:
+            sink._init(None, forked_from=f"{run_id}?_step={step}")
+        else:
+            sink._init(run_id)
+            if run_id is not None:
+                sink.through = sink._held_by_wandb()
         sink.go_back(step, surviving)
         return sink
 

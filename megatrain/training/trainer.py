@@ -241,7 +241,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (weights checksum %r, saved %r)", found,
                  self.progress.step, self._weights_checksum(), state.get("weights_checksum"))
-        return ResumePoint.from_state(state)
+        elsewhere = not found.resolve().is_relative_to(self.run_dir.resolve())
+        return ResumePoint.from_state(state, elsewhere)  # elsewhere: another run's checkpoint
 
     def _build_sinks(self, resume_point: ResumePoint | None) -> MetricSinks:
         config = dataclasses.asdict(self.cfg)

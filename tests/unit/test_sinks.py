@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,30 @@ def test_online_the_server_says_what_wandb_holds(tmp_path: Path) -> None:
     assert sink.run.sent == [8, 9, 10]  # 11 waits for the next checkpoint
     sink.commit()
     assert sink.run.sent == [8, 9, 10, 11]
+
+
+def test_from_another_folders_checkpoint_the_history_forks(offline: Config,
+                                                           tmp_path: Path) -> None:
+    """``run.resume=<another run's checkpoint>``: that folder keeps its rows and its W&B run;
+    this one starts after the checkpoint's step, in a W&B run forked from it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    sinks = build_sinks(offline, first, None, {})
+    _log_steps(sinks, range(1, 5))
+    saved = _saved(sinks, 4)
+    sinks.commit()
+    _close(sinks)
+    sinks = build_sinks(offline, second, replace(saved, elsewhere=True), {})
+    _log_steps(sinks, range(5, 7))
+    sinks.commit()
+    fork = sinks.wandb_run_id
+    _close(sinks)
+    assert fork != saved.wandb_run_id
+    assert _wandb_steps(second, fork) == _jsonl_steps(second) == [(5, 0.2), (6, 1 / 6)]
+    (log,) = wandb_log.run_logs(second / "wandb", fork)
+    run = next(r.run for r in wandb_log.records(log) if r.WhichOneof("record_type") == "run")
+    forked_from = next(json.loads(i.value_json) for i in run.config.update
+                       if i.key == "forked_from")
+    assert forked_from == f"{saved.wandb_run_id}?_step=4"
+    assert [s for s, _ in _jsonl_steps(first)] == [1, 2, 3, 4]
