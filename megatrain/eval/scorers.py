@@ -55,10 +55,14 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "
     """(corpus BLEU and its parts, scorer info with sacrebleu's signature)."""
     sacrebleu = _require("sacrebleu", "sacrebleu")
     tokenize = pick_bleu_tokenize(references, tokenize)
+    if tokenize not in sacrebleu.BLEU.TOKENIZERS:
+        raise ConfigError(f"--bleu-tokenize {tokenize} is not a sacrebleu tokenizer; valid: auto, "
+                          f"{', '.join(sacrebleu.BLEU.TOKENIZERS)}")
     try:
         metric = sacrebleu.BLEU(tokenize=tokenize)
-    except (ValueError, KeyError, ImportError, RuntimeError) as exc:
-        raise ConfigError(f"--bleu-tokenize {tokenize}: {str(exc).splitlines()[0]}") from exc
+    except (ImportError, RuntimeError) as exc:  # ja-mecab, ko-mecab, spm without their packages
+        hint = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ConfigError(f"--bleu-tokenize {tokenize}: {hint}") from exc
     result = metric.corpus_score(list(hypotheses), [list(references)])
     numbers = {"bleu": result.score, "precisions": list(result.precisions),
                "brevity_penalty": result.bp, "sys_len": result.sys_len,

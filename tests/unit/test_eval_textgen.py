@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatrain.cli.eval import main
+from megatrain.errors import ConfigError
 from megatrain.eval.scorers import UnicodeTokenizer, bleu, pick_bleu_tokenize, rouge
 from tests.unit.eval_fixtures import tiny_checkpoint
 
@@ -46,6 +47,8 @@ def test_scorers_on_fixed_strings() -> None:
     score, info = bleu(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert score["bleu"] == pytest.approx(100.0)
     assert "tok:13a" in info["signature"] and info["version"] == sacrebleu.__version__
+    with pytest.raises(ConfigError, match="--bleu-tokenize xyz is not a sacrebleu tokenizer"):
+        bleu(["a"], ["a"], "xyz")
 
 
 @pytest.mark.parametrize("language", ["english", "chinese"])
@@ -92,8 +95,6 @@ def test_scores_equal_the_scorers_on_the_saved_generations(
                                                                    rouge)])
 def test_a_missing_scorer_names_the_extra(module: str, call: object,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from megatrain.errors import ConfigError
-
     monkeypatch.setitem(__import__("sys").modules, module, None)  # import raises ImportError
     with pytest.raises(ConfigError, match=r'pip install "megatrain\[eval\]"'):
         call(["a"], ["a"])
