@@ -111,9 +111,9 @@ def _records(path: Path, limit: int | None = None) -> Iterator[Record]:
         yield record
 
 
-def read_pairs(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
-    """(prompt, reference) of each ``{"input", "target"}`` or ``{"prompt", "completion"}`` row;
-    DataError naming the line and the field it lacks."""
+def read_pairs(path: Path, limit: int | None = None) -> list[tuple[str, str, bool]]:
+    """(prompt, reference, is SFT) of each ``{"input", "target"}`` or ``{"prompt",
+    "completion"}`` (SFT) row; DataError naming the line and the field it lacks."""
     if is_prepared(path):
         raise ConfigError(f"--data {path}: generation tasks read a JSONL of "
                           '{"input", "target"} or {"prompt", "completion"} rows, not a '
@@ -121,8 +121,9 @@ def read_pairs(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
     pairs = []
     for record in _records(path, limit):
         data = record.data if isinstance(record.data, dict) else {}
-        names = ("prompt", "completion") if "prompt" in data else ("input", "target")
-        pairs.append(tuple(_field(data, name, record.where) for name in names))
+        sft = "prompt" in data
+        names = ("prompt", "completion") if sft else ("input", "target")
+        pairs.append((*(_field(data, name, record.where) for name in names), sft))
     if not pairs:
         raise DataError(f"{path} holds no rows")
     return pairs

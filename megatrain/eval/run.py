@@ -107,23 +107,14 @@ def _generation_task(loaded: EvalModel, path: Path, s: Settings, out: Path
                      ) -> tuple[dict, dict]:
     """bleu / rouge over what the model generates for the rows; generations saved beside."""
     rows = read_pairs(path, s.max_examples)
-    sft = _is_sft(path)
-    prompts = [textgen.prompt_text(p, sft) for p, _ in rows]
-    references = [r for _, r in rows]
+    prompts = [textgen.prompt_text(p, sft) for p, _, sft in rows]
+    references = [r for _, r, _ in rows]
     generations = textgen.generate_texts(loaded, prompts, max_new_tokens=s.max_new_tokens,
                                          batch_size=s.batch_size)
     saved = textgen.generations_path(out)
     textgen.write_generations(saved, prompts, references, generations)
     metrics, scorer = textgen.score(s.task, generations, references, s.bleu_tokenize)
     return metrics | {"examples": len(rows), "generations": str(saved)}, scorer
-
-
-def _is_sft(path: Path) -> bool:
-    """Whether the rows are ``{"prompt", "completion"}`` (the first row decides)."""
-    from megatrain.data.prepare.sources import file_records
-
-    first = next(iter(file_records(path)), None)
-    return isinstance(first.data, dict) and "prompt" in first.data if first else False
 
 
 def _version() -> str:
