@@ -34,6 +34,7 @@ class EvalModel:
     tokenizer: Tokenizer
     tokenizer_file: Path
     labels: list[str] | None  # a classifier's class names (index = class id), when known
+    resolved: str = ""  # the checkpoint folder a run folder named, or the hf: folder
 
     @property
     def spec(self) -> ModelSpec:
@@ -61,7 +62,7 @@ def load_eval_model(source: str, device: torch.device | str = "cpu") -> EvalMode
     path = resolve_checkpoint_path(Path(source))
     model, tokenizer = load_trained_model(source, device)
     labels = read_meta(path).get("labels")
-    return EvalModel(source, model, tokenizer, tokenizer.path, labels)
+    return EvalModel(source, model, tokenizer, tokenizer.path, labels, str(path))
 
 
 def _load_hf(source: str, device: torch.device | str) -> EvalModel:
@@ -71,7 +72,8 @@ def _load_hf(source: str, device: torch.device | str) -> EvalModel:
     model = get_model_spec(family).build(config, device, torch.float32)
     load_pretrained_weights(model, state_dict, source)
     tokenizer = load_tokenizer(folder)
-    return EvalModel(source, model.eval(), tokenizer, tokenizer.path, _hf_labels(folder, config))
+    return EvalModel(source, model.eval(), tokenizer, tokenizer.path, _hf_labels(folder, config),
+                     str(folder))
 
 
 def _hf_labels(folder: Path, config: Any) -> list[str] | None:

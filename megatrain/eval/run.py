@@ -60,6 +60,7 @@ def evaluate(checkpoint: str, data: str, settings: Settings, out: Path,
     result = {
         "task": settings.task,
         "checkpoint": checkpoint,
+        "checkpoint_path": loaded.resolved,  # which step a run folder meant
         "model": {"family": loaded.family, "max_seq_len": loaded.max_seq_len},
         "data": {"path": str(path), "sha256": data_sha256(path)},
         "settings": {k: v for k, v in asdict(settings).items() if k != "task"},

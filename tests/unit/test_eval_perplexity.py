@@ -75,6 +75,7 @@ def test_perplexity_equals_transformers_on_the_export(family: str, tmp_path: Pat
     assert m["bytes"] == nbytes
     assert m["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-4)
     assert result["checkpoint"] == str(ckpt) and len(result["data"]["sha256"]) == 64
+    assert result["checkpoint_path"] == str(ckpt)
     assert result["settings"]["stride"] == 12
     # The hf: folder gives the same numbers through megatrain's model.
     assert main(["--checkpoint", f"hf:{tmp_path / 'hf'}", "--task", "perplexity", "--data",
@@ -86,7 +87,9 @@ def test_perplexity_equals_transformers_on_the_export(family: str, tmp_path: Pat
 def test_a_text_file_is_one_document(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path, "gpt")
     (tmp_path / "valid.txt").write_text("\n\n".join(DOCS))
-    assert main(["--checkpoint", str(ckpt), "--task", "perplexity", "--data",
+    assert main(["--checkpoint", str(ckpt.parent), "--task", "perplexity", "--data",
                  str(tmp_path / "valid.txt"), "--out", str(tmp_path / "r.json")]) == 0
-    m = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["checkpoint_path"] == str(ckpt)  # the folder's latest checkpoint
+    m = result["metrics"]
     assert m["documents"] == 1 and m["bytes"] == len("\n\n".join(DOCS).encode())
