@@ -15,32 +15,15 @@ from pathlib import Path
 from megatrain.data.prepare.templates import PlainTemplate, prompt_pieces
 from megatrain.eval import scorers
 from megatrain.eval.model import EvalModel
+from megatrain.models.generation import generate_text
 
 
 def generate_texts(loaded: EvalModel, prompts: Sequence[str], *, max_new_tokens: int,
                    batch_size: int) -> list[str]:
     """Greedy continuations of ``prompts`` (the prompt not included, cut at EOS): the one
-    place megatrain-eval calls the generation code (``generate_text``: batched, KV-cached)."""
-    try:
-        from megatrain.models.generation import generate_text
-    except ImportError:  # a generation module without the text API: one prompt at a time
-        return [_one_by_one(loaded, p, max_new_tokens) for p in prompts]
+    place megatrain-eval calls the generation code (batched, left-padded, KV-cached)."""
     return generate_text(loaded.model, loaded.tokenizer, list(prompts),
                          max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
-
-
-def _one_by_one(loaded: EvalModel, prompt: str, max_new_tokens: int) -> str:
-    import torch
-
-    from megatrain.models.generation import generate
-
-    tok, model = loaded.tokenizer, loaded.model
-    seq2seq = getattr(model, "is_encoder_decoder", False)
-    ids = tok.encode(prompt) + [tok.eos_id] if seq2seq else tok.encode(prompt) or [tok.eos_id]
-    out = generate(model, torch.tensor([ids], device=loaded.device), max_new_tokens,
-                   temperature=0.0, eos_id=tok.eos_id)[0].tolist()
-    new = out if seq2seq else out[len(ids):]
-    return tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new)
 
 
 def prompt_text(prompt: str, sft: bool) -> str:
