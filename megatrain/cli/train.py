@@ -13,14 +13,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from hydra_plugins.megatrain_optuna_sweeper.optuna_sweeper import (
-    register as register_optuna_sweeper,
-)
 from megatrain.cli.common import report
 from megatrain.config import register_configs
 from megatrain.config.validate import normalize_overrides
 from megatrain.errors import EXIT_OK, ConfigError, MegatrainError
 from megatrain.jobs.exit_status import record_exit
+from megatrain.jobs.optuna_sweeper import (
+    register as register_optuna_sweeper,
+)
 from megatrain.jobs.run_record import (
     align_run_dirs,
     check_not_source,

@@ -1,5 +1,5 @@
 """Hydra's run record and folder rules (megatrain/jobs/run_record.py), the Optuna sweeper's search
-spaces (hydra_plugins/megatrain_optuna_sweeper) and how a sweep ranks its jobs
+spaces (megatrain/jobs/optuna_sweeper.py) and how a sweep ranks its jobs
 (megatrain/jobs/sweep.py): pure functions, no training."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import optuna.distributions as d
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from hydra_plugins.megatrain_optuna_sweeper.optuna_sweeper import search_space
 from megatrain.errors import ConfigError
+from megatrain.jobs.optuna_sweeper import search_space
 from megatrain.jobs.run_record import align_run_dirs, expand_rerun, record_folder
 from megatrain.jobs.sweep import job_metric, summarize
 
