@@ -108,13 +108,11 @@ def _generation_task(loaded: EvalModel, path: Path, s: Settings, out: Path
                      ) -> tuple[dict, dict]:
     """bleu / rouge over what the model generates for the rows; generations saved beside."""
     rows = read_pairs(path, s.max_examples)
-    prompts = [textgen.prompt_text(p, sft) for p, _, sft in rows]
-    references = [r for _, r, _ in rows]
-    generations = textgen.generate_texts(loaded, prompts, max_new_tokens=s.max_new_tokens,
-                                         batch_size=s.batch_size)
+    answers = textgen.answer(loaded.model, loaded.tokenizer, rows,
+                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
     saved = textgen.generations_path(out)
-    textgen.write_generations(saved, prompts, references, generations)
-    metrics, scorer = textgen.score(s.task, generations, references, s.bleu_tokenize)
+    textgen.write_generations(saved, answers)
+    metrics, scorer = answers.score(s.task, s.bleu_tokenize)
     return metrics | {"examples": len(rows), "generations": str(saved)}, scorer
 
 
