@@ -113,6 +113,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvalGenerateConfig:
+    # Each eval (trainer.eval_every, and the final one) also has the model answer the first
+    # max_examples rows of a JSONL of {"input", "target"} or {"prompt", "completion"} rows,
+    # greedily, scored as megatrain-eval scores them: eval_bleu | eval_rouge1, eval_rouge2,
+    # eval_rougeL, eval_rougeLsum in the eval row (trainer.keep_best may pick one).
+    task: Optional[str] = None  # bleu | rouge; None: off
+    data: Optional[str] = None  # the rows' file
+    max_examples: int = ranged(16, ge=1)
+    max_new_tokens: int = ranged(64, ge=1)
+    batch_size: int = ranged(8, ge=1)
+    table_rows: int = ranged(4, ge=0)  # W&B table eval_samples: the first N (prompt, reference, generation)
+    bleu_tokenize: str = "auto"  # sacrebleu's tokenizer (megatrain-eval --bleu-tokenize)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = ranged(1000, ge=0)
     # Passes over the training data instead of max_steps: the stream ends after the last one, and
@@ -126,6 +141,7 @@ class TrainerConfig:
     log_every: int = ranged(10, ge=1)
     eval_every: int = ranged(200, ge=1)
     eval_steps: int = ranged(20, ge=1)
+    eval_generate: EvalGenerateConfig = field(default_factory=EvalGenerateConfig)
     save_every: int = ranged(500, ge=1)
     keep_last: int = ranged(2, ge=1)
     eval_each_epoch: bool = False  # epochs: also evaluate at the end of every epoch

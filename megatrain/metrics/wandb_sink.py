@@ -141,9 +141,14 @@ class WandbSink:
                 self.through = max(self.through, row["step"])
         self.held = []
 
-    def log_samples_table(self, rows: list[dict[str, Any]], key: str = "samples") -> None:
+    def log_samples_table(self, rows: list[dict[str, Any]], key: str = "samples",
+                          step: int | None = None) -> None:
         """Generated samples (e.g. ``{"step", "prompt", "text"}`` each) as a W&B table, attached
-        to the run's latest step: it adds no step of its own to the history."""
+        to the run's latest step: it adds no step of its own to the history. With ``step`` (an
+        eval's), it is held with that step's rows and sent with them (or dropped with them)."""
+        if step is not None:
+            self.held.append({"step": step, key: samples_table(rows)})
+            return
         self.run.log({key: samples_table(rows)}, commit=False)
 
     def log_model(self, folder: Path, aliases: list[str], metadata: dict[str, Any]) -> str:

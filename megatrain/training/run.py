@@ -70,7 +70,16 @@ def checked_config(cfg: DictConfig) -> Config:
     lr_multiplier_of(config)  # refuses a schedule that cannot run
     check_locations(config.data)
     check_wandb_extras(config)
+    check_eval_generate(config)
     return config
+
+
+def check_eval_generate(config: Config) -> None:
+    """``trainer.eval_generate``: its task, rows file and fields, scorer, and a model family
+    that generates (the trainer reads the rows again when it starts)."""
+    from megatrain.eval.during_training import GenerationEval
+
+    GenerationEval.build(config.trainer.eval_generate, config.model.family)
 
 
 def check_wandb_extras(config: Config) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatrain.config.schema import Config
 from megatrain.data.manifest import TASK_FORMATS
-from megatrain.data.prepare.templates import make_template, prompt_pieces
+from megatrain.data.prepare.templates import Template, make_template, prompt_pieces
 from megatrain.data.stream.objectives import IGNORE, Objective, build_objective
 from megatrain.data.stream.trace import TraceWriter
 from megatrain.data.stream.train_stream import (
@@ -33,6 +33,7 @@ from megatrain.data.stream.train_stream import (
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.distributed import World
 from megatrain.errors import ConfigError
+from megatrain.eval.during_training import TABLE_KEY, GenerationEval
 from megatrain.hf_export import export as export_checkpoint
 from megatrain.metrics import MetricSinks, ResumePoint, build_sinks
 from megatrain.metrics.throughput import Throughput, memory_gb
@@ -92,6 +93,7 @@ class Trainer:
         self.resume_from = ckpt.find_checkpoint(self.run_dir, cfg.run.resume)
         self.spec = get_model_spec(cfg.model.family)
         self.task = self._task()
+        self.gen_eval = GenerationEval.build(cfg.trainer.eval_generate, cfg.model.family)
         self.model_cfg, model = self._build_model()
         # the token loss chunked by the model (trainer.chunked_loss), for model_inputs
         self._chunked_loss = (check_chunked_loss(cfg.trainer.chunked_loss),
@@ -128,6 +130,7 @@ class Trainer:
         self._saved_step = self.progress.step if self.resume_from else None
         self.best = BestTracker.load(self.run_dir / "checkpoints", cfg.trainer.keep_best,
                                      eval_metric_names(self.task, bool(cfg.data.nsp))
+                                     + (self.gen_eval.metric_names if self.gen_eval else [])
                                      ) if cfg.trainer.keep_best else None
         self.trace = TraceWriter(self.run_dir, world.rank, world.world_size,
                                  self.progress.step) if cfg.data.trace else None
@@ -503,10 +506,25 @@ class Trainer:
         if summed["count"] == 0:
             log.warning("eval: no held-out batches (is the eval split empty?)")
             return {}
-        row = eval_metrics(summed)
+        row = eval_metrics(summed) | self._eval_generate()
         if self.sinks:
             self.sinks.log({"step": self.progress.step, **row})
         return row
+
+    def _eval_generate(self) -> dict[str, float]:
+        """``trainer.eval_generate``'s numbers for the eval row (every rank runs it); its W&B
+        table of answers is held with the row."""
+        if self.gen_eval is None:
+            return {}
+        numbers, table = self.gen_eval.run(
+            self.engine.module, self.tokenizer, main=self.world.is_main,
+            lockstep=self.world.world_size > 1, device=self.device,
+            template=self._template() if self.task == "sft" else None)
+        wandb = self.sinks.wandb if self.sinks else None
+        if wandb is not None and table:
+            step = self.progress.step
+            wandb.log_samples_table([{"step": step, **r} for r in table], TABLE_KEY, step)
+        return numbers
 
     def _log_train(self, mean_loss: torch.Tensor) -> None:
         """The one place a training step syncs with the host: every ``log_every`` steps."""
@@ -622,8 +640,12 @@ class Trainer:
         """``prompt`` as the model reads it: after SFT, rendered with the corpus's template."""
         if self.task != "sft":
             return self.tokenizer.encode(prompt)
-        template = make_template(self.train_manifest.task["template"] or "plain", self.tokenizer)
-        return [i for piece in prompt_pieces(template, prompt) for i in self.tokenizer.encode(piece)]
+        pieces = prompt_pieces(self._template(), prompt)
+        return [i for piece in pieces for i in self.tokenizer.encode(piece)]
+
+    def _template(self) -> Template:
+        """The SFT corpus's template (how a prompt is rendered for the model)."""
+        return make_template(self.train_manifest.task["template"] or "plain", self.tokenizer)
 
     def close(self) -> None:
         self.signals.restore()
