@@ -92,22 +92,35 @@ def test_the_task_on_a_live_model_is_megatrain_evals_in_lockstep_too(tmp_path: P
     """The first max_examples rows, batched, greedy: the generations megatrain-eval's code makes
     for those rows, and eval_bleu is sacrebleu on them. Lockstep (every batch runs all steps)
     writes the same text; the table holds the first table_rows answers on the main rank only."""
-    data = _rows_file(tmp_path)
-    cfg = EvalGenerateConfig(task="bleu", data=str(data), max_examples=4, max_new_tokens=12,
-                             batch_size=3, table_rows=2)
-    gen_eval = GenerationEval.build(cfg, family)
-    assert len(gen_eval.rows) == 4
     loaded = load_eval_model(str(tiny_checkpoint(tmp_path, family)))
     model = loaded.model.train()  # as the trainer holds it
+    first = answer(model, loaded.tokenizer, read_pairs(_rows_file(tmp_path), 4),
+                   max_new_tokens=12, batch_size=3)
+    assert model.training  # put back in training mode
+    # references that hold the answers (a random model's share nothing with real text), scored
+    # by characters (its answers are one or two "words" long, without a 4-gram of words): the
+    # scores compared below are numbers, not zeros
+    refs = [f"{gen} {row['completion']}" for gen, row in zip(first.generations, ROWS)]
+    data = _rows_file(tmp_path, [r | {"completion": c} for r, c in zip(ROWS, refs)] + ROWS[4:],
+                      "scored.jsonl")
+    cfg = EvalGenerateConfig(task="bleu", data=str(data), max_examples=4, max_new_tokens=12,
+                             batch_size=3, table_rows=2, bleu_tokenize="char")
+    gen_eval = GenerationEval.build(cfg, family)
+    assert len(gen_eval.rows) == 4
     expected = answer(model, loaded.tokenizer, read_pairs(data, 4), max_new_tokens=12,
                       batch_size=3)
-    assert model.training  # put back in training mode
-    refs = [r["completion"] for r in ROWS[:4]]
-    assert expected.references == refs and any(expected.generations)
-    direct = sacrebleu.corpus_bleu(expected.generations, [refs]).score
+    assert expected.generations == first.generations and expected.references == refs[:4]
+    direct = sacrebleu.corpus_bleu(expected.generations, [refs[:4]], tokenize="char").score
+    assert 0 < direct < 100
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))  # decoders: one per step
     for lockstep in (False, True):
+        calls.clear()
         numbers, table = gen_eval.run(model, loaded.tokenizer, main=True, lockstep=lockstep)
         assert numbers == {"eval_bleu": pytest.approx(direct, abs=1e-9)}
         assert table == expected.rows(2)
+    hook.remove()
+    if family == "gpt":  # in lockstep each of the 2 batches runs all 12 steps
+        assert len(calls) == 2 * 12
     numbers, table = gen_eval.run(model, loaded.tokenizer, main=False, lockstep=True)
     assert numbers == {} and table == []  # alone, nothing is broadcast to a non-main rank
