@@ -82,3 +82,27 @@ def test_eval_rows_carry_rouge_of_the_saved_model_and_wandb_the_samples(
         table = json.loads((folder / "files" / json.loads(item.value_json)).read_text())
         assert table["columns"] == ["step", "prompt", "reference", "generation"]
         assert table["data"] == [[step, *row.values()] for row in answers[step].rows(2)]
+
+
+def test_zero3_ranks_generate_together(tmp_path: Path, prepared_dir: Path,
+                                       shakespeare_text: str, trained_gpt: Path) -> None:
+    """2 ranks under ZeRO-3 (every forward gathers weights collectively): the run ends, and the
+    eval row is megatrain-eval's score of the checkpoint saved at that step."""
+    from megatrain.eval.inputs import read_pairs
+    from megatrain.eval.model import load_eval_model
+    from megatrain.eval.textgen import answer
+
+    data = _rows(shakespeare_text, trained_gpt, tmp_path / "rows.jsonl")
+    run_dir = tmp_path / "run"
+    train(run_dir, prepared_dir, f"model.init_from={trained_gpt}", "trainer.max_steps=2",
+          "trainer.eval_every=2", "trainer.eval_steps=1", "optim.lr=1e-5",
+          "schedule.warmup_steps=1", "deepspeed.zero_stage=3", "trainer.collective_timeout_s=60",
+          "trainer.eval_generate.task=rouge", f"trainer.eval_generate.data={data}",
+          "trainer.eval_generate.max_examples=3", "trainer.eval_generate.max_new_tokens=6",
+          "trainer.eval_generate.batch_size=2", nproc=2)
+    (row,) = [r for r in metrics(run_dir) if "eval_loss" in r]
+    rows = read_pairs(data, 3)
+    loaded = load_eval_model(str(run_dir / "checkpoints" / "step_2"))
+    scores, _ = answer(loaded.model, loaded.tokenizer, rows, max_new_tokens=6,
+                       batch_size=2).score("rouge")
+    assert row["eval_rouge1"] == pytest.approx(scores["rouge1"], abs=1e-12)
