@@ -9,4 +9,5 @@
   and ``rouge-score`` (the ``megatrain[eval]`` extra);
 - ``run.py``: one task run into a result dict (checkpoint, data hash, settings, scorer, numbers);
 - ``lm_harness.py``: the lm-evaluation-harness adapter.
+- ``during_training.py``: ``trainer.eval_generate``, a bleu / rouge task at each training eval.
 """
