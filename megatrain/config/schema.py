@@ -32,7 +32,7 @@ class ModelConfig:
     n_decoder_layers: Optional[int] = ranged(None, ge=1)  # t5: None = the size's, or n_layers
     norm_position: Optional[str] = None  # bert: post (as in BERT) | pre
     dropout: float = ranged(0.0, ge=0, lt=1)
-    attn_impl: str = "auto"  # auto | flash_attn | sdpa | flex | eager
+    attn_impl: str = "auto"  # auto | flash_attn | sdpa | cudnn | flex | eager
     # None: random init. A megatrain checkpoint (its weights only), hf:DIR (a Hugging Face model
     # directory of the same family) or hf:ORG/NAME[@REVISION] (a hub id, through huggingface_hub's
     # cache: HF_HOME, HF_HUB_OFFLINE); its dims replace size and the explicit dims.
@@ -153,7 +153,12 @@ class TrainerConfig:
     # keep_best is set, else the final one. None: no export.
     export_to: Optional[str] = None
     activation_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile each transformer block (megatrain/training/transforms.py): auto (on for CUDA
+    # under ZeRO 0-2, off on a CPU and under ZeRO-3) | on | off.
+    compile: str = "auto"
+    # FP8 matmuls in the blocks' linear layers through torchao (megatrain/training/fp8.py):
+    # CUDA with compute capability >= 8.9 only, pip install megatrain[fp8].
+    fp8: bool = False
     # The token loss without the whole (tokens, vocab) logits: the head and cross-entropy run a
     # chunk of rows at a time, the backward recomputes each chunk (same loss and gradients).
     # auto: where a micro-batch has 2^27 logits or more (megatrain.training.losses.loss_chunk).

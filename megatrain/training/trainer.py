@@ -57,7 +57,7 @@ from megatrain.training.losses import (
 from megatrain.training.numerics import StepGuard, Verdict
 from megatrain.training.pretrained import load_pretrained_weights, pretrained_config
 from megatrain.training.signals import Preempted, StopSignals
-from megatrain.training.transforms import apply_transforms
+from megatrain.training.transforms import apply_transforms, resolve_compile
 
 log = logging.getLogger("megatrain")
 TASK_BASE = {"sft": "clm", "cls": "mlm", "seq2seq": "span"}  # the family objective a task needs
@@ -199,7 +199,9 @@ class Trainer:
                  f"from {cfg.model.init_from}" if cfg.model.init_from else cfg.model.size or "custom",
                  sum(p.numel() for p in model.parameters()) / 1e6)
         t = cfg.trainer
-        return model_cfg, apply_transforms(model, t.activation_checkpointing, t.compile)
+        compile_blocks = resolve_compile(t.compile, self.device, cfg.deepspeed.zero_stage)
+        return model_cfg, apply_transforms(model, t.activation_checkpointing, compile_blocks,
+                                           fp8=t.fp8)
 
     def _build_objective(self) -> Objective:
         data, family = self.cfg.data, self.cfg.model.family

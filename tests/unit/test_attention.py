@@ -39,7 +39,7 @@ def test_flash_attn_on_cpu_says_why() -> None:
 
 
 def test_unknown_backend_lists_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="valid: auto, flash_attn, sdpa, flex, eager"):
+    with pytest.raises(ConfigError, match="valid: auto, flash_attn, sdpa, cudnn, flex, eager"):
         resolve_attn_impl("flex_attn", CPU, torch.float32)
 
 
