@@ -31,6 +31,8 @@ def _qkv(dtype: torch.dtype, B: int = 2, nh: int = 8, T: int = 256, hs: int = 64
 def _fast_backends() -> list[str]:
     """Every backend that resolves on this GPU in bf16 (flash_attn only when installed)."""
     impls = ["sdpa"]
+    if torch.backends.cudnn.is_available():
+        impls.append("cudnn")
     try:
         resolve_attn_impl("flash_attn", CUDA, torch.bfloat16)
         impls.append("flash_attn")
@@ -40,7 +42,7 @@ def _fast_backends() -> list[str]:
 
 
 def test_auto_picks_flash_attn_or_pinned_sdpa() -> None:
-    assert resolve_attn_impl("auto", CUDA, torch.bfloat16) in ("flash_attn", "sdpa")
+    assert resolve_attn_impl("auto", CUDA, torch.bfloat16) in ("flash_attn", "cudnn", "sdpa")
     assert resolve_attn_impl("auto", CUDA, torch.float32) == "sdpa"
 
 
