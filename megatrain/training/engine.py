@@ -66,7 +66,9 @@ def deepspeed_config(cfg: Config, precision: str, world_size: int,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
-        "gradient_clipping": t.grad_clip,
+        # fp32 ZeRO-0: SkippableAdamW clips (DeepSpeed's clip takes one norm per parameter and
+        # all-reduces their sum every step).
+        "gradient_clipping": 0.0 if clips_itself(ds.zero_stage, precision) else t.grad_clip,
         "zero_optimization": _zero_config(ds),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
@@ -81,21 +83,45 @@ def deepspeed_config(cfg: Config, precision: str, world_size: int,
     }
 
 
+def clips_itself(zero_stage: int, precision: str) -> bool:
+    """Whether the optimizer clips the gradients rather than DeepSpeed: fp32 under ZeRO 0, the
+    one setup where DeepSpeed clips with its generic per-parameter norm (mixed precision and
+    ZeRO 1-3 clip inside DeepSpeed's own optimizers)."""
+    return zero_stage == 0 and precision == "fp32"
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step()`` can be made a no-op (``skip_next``): every DeepSpeed path
     (ZeRO 0-3, bf16, offload) ends in this step, so skipping here skips the update exactly —
     weights, moments and step counts untouched — whatever wraps it. For the same reason groups
-    flagged ``frozen`` (``finetune.*``) are left out here: see ``training/finetune.py``."""
+    flagged ``frozen`` (``finetune.*``) are left out here: see ``training/finetune.py``.
+
+    With ``clip_norm`` (fp32 ZeRO 0, :func:`clips_itself`) it clips the gradients to that global
+    norm first, as ``torch.nn.utils.clip_grad_norm_`` does, on the device: with ``grad_norm``
+    when the trainer measured it for this step already (it is consumed), else measured here."""
 
     skip_next = False
     finetune: Finetuning | None = None  # set by ``initialize_engine``
+    clip_norm = 0.0
+    grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        norm, self.grad_norm = self.grad_norm, None
         if self.skip_next:
             return None
+        if self.clip_norm:
+            self._clip(norm)
         with frozen_groups_skipped(self):
             return super().step(closure)
+
+    def _clip(self, norm: torch.Tensor | None) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, norm)
 
 
 def _finetune_plan(model: nn.Module, cfg: Config) -> FinetunePlan:
@@ -110,8 +136,10 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device,
     if o.name != "adamw":
         raise ConfigError(f"optim.name={o.name!r} is not supported; valid: adamw")
     plan = plan or _finetune_plan(model, cfg)
+    # fused: one kernel for all parameters, on CUDA and on the CPU alike (the CPU kernel steps
+    # nanoGPT's baby GPT in a fifth of the per-parameter loop's time: docs/benchmarks.md)
     return SkippableAdamW(plan.optimizer_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                          eps=o.eps, fused=device.type == "cuda")
+                          eps=o.eps, fused=True)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config,
@@ -136,6 +164,12 @@ def initialize_engine(model: nn.Module, cfg: Config, precision: str, world_size:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=config)
     optimizer.finetune = Finetuning(plan, optimizer)
+    if clips_itself(cfg.deepspeed.zero_stage, precision):
+        optimizer.clip_norm = cfg.trainer.grad_clip
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        # One rank has no gradients to average: DeepSpeed would still flatten, all-reduce and
+        # copy them back after every backward.
+        engine.enable_backward_allreduce = False
     summary = describe(plan)
     if summary:
         log.info("%s", summary)

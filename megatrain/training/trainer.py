@@ -407,10 +407,12 @@ class Trainer:
 
     def _own_grad_norm(self, for_logging: bool) -> torch.Tensor | None:
         """The gradient norm where DeepSpeed neither reports nor checks it (fp32 ZeRO-0), when
-        the log or the non-finite check needs it; None elsewhere."""
+        the log or the non-finite check needs it; None elsewhere. The optimizer clips with it
+        (``SkippableAdamW.grad_norm``): one norm per step."""
         if not self._engine_hides_grad_norm or not (for_logging or self.guard is not None):
             return None
         self._grad_norm = _total_grad_norm(self.engine.module)
+        self.optimizer.grad_norm = self._grad_norm
         return self._grad_norm
 
     def _judge(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Any:

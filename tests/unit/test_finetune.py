@@ -304,7 +304,7 @@ def test_frozen_groups_train_as_really_frozen_parameters() -> None:
     for name, param in named.items():
         param.requires_grad_(name in top)
     reference = torch.optim.AdamW(_groups(named, top), lr=1e-2, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps)
+                                  eps=cfg.optim.eps, fused=True)  # build_optimizer's kernel
 
     for step in range(4):
         if step == 2:  # stage 2: the rest joins, fresh
