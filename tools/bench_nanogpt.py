@@ -138,24 +138,62 @@ def schedule_length(steps: int) -> int:
     return steps if steps >= 2000 or steps > 2 * RECIPE["warmup"] else 2000
 
 
+def stream_batches(data: Path, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """megatrain's own training batches (shuffled documents, each followed by EOS, packed;
+    a micro-batch is B consecutive rows of the packed stream), in this process."""
+    from megatrain.data.manifest import Manifest
+    from megatrain.data.stream.objectives import build_objective
+    from megatrain.data.stream.train_stream import build_train_stream
+    from megatrain.data.tokenizer import load_tokenizer
+
+    r = RECIPE
+    manifest = Manifest.load(data / "train")
+    objective = build_objective("clm", r["seq_len"], load_tokenizer(manifest.tokenizer_path))
+    stream = iter(build_train_stream(manifest, seq_len=r["seq_len"], micro_batch_size=r["batch"],
+                                     seed=seed, rank=0, world_size=1, num_workers=0,
+                                     objective=objective))
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(stream)
+        return batch["input_ids"], batch["labels"]
+
+    return next_batch
+
+
 def plain_loop(data: Path, steps: int, log_every: int, seed: int = 1337, bias: bool = True,
-               model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """nanoGPT's training loop on megatrain's model; per-step wall and CPU times."""
+               model: torch.nn.Module | None = None, order: str = "random",
+               compact: bool = False) -> dict[str, Any]:
+    """nanoGPT's training loop on megatrain's model; per-step wall and CPU times. ``order``:
+    nanoGPT's random windows, or megatrain's packed ``stream``; ``compact``: the text's own
+    characters as the vocabulary instead of the char tokenizer's (bytes and specials too)."""
     r = RECIPE
     train = token_stream(data, "train")
-    model = model or build_model(_vocab_size(data), seed, bias)
+    vocab = _vocab_size(data)
+    if compact and order == "stream":
+        raise SystemExit("--compact-vocab maps nanoGPT's random windows only, not the stream")
+    if compact:  # nanoGPT's vocabulary: only the characters of the text (65 for Shakespeare)
+        ids = torch.unique(torch.cat([train, token_stream(data, "val")]))
+        vocab = len(ids)
+        train = torch.searchsorted(ids, train)
+    model = model or build_model(vocab, seed, bias)
     opt = torch.optim.AdamW(nanogpt_groups(model, r["weight_decay"]), lr=r["lr"],
                             betas=r["betas"])
     gen = torch.Generator().manual_seed(seed)
+    if order == "stream":
+        next_batch = stream_batches(data, seed)
+    else:
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            return random_windows(train, r["batch"], r["seq_len"], gen)
     walls, cpus, losses = [], [], []
-    x, y = random_windows(train, r["batch"], r["seq_len"], gen)
+    x, y = next_batch()
     for step in range(steps):
         t0, c0 = time.perf_counter_ns(), time.process_time_ns()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps)
         logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        x, y = random_windows(train, r["batch"], r["seq_len"], gen)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                               ignore_index=-100)
+        x, y = next_batch()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
         opt.step()
@@ -172,11 +210,14 @@ def _vocab_size(data: Path) -> int:
 
 
 @torch.no_grad()
-def val_loss(model: torch.nn.Module, data: Path, batch: int = 64) -> float:
+def val_loss(model: torch.nn.Module, data: Path, batch: int = 64, compact: bool = False) -> float:
     """Mean token loss over every non-overlapping window of the held-out 10% (no EOS): the same
     number for both sides, and less noisy than nanoGPT's 20 random batches."""
     seq = RECIPE["seq_len"]
     stream = token_stream(data, "val")
+    if compact:
+        ids = torch.unique(torch.cat([token_stream(data, "train"), stream]))
+        stream = torch.searchsorted(ids, stream)
     n = (len(stream) - 1) // seq
     xs = stream[:n * seq].view(n, seq)
     ys = stream[1:n * seq + 1].view(n, seq)
@@ -226,11 +267,12 @@ class Timers:
         inner = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter_ns()
+            t0, c0 = time.perf_counter_ns(), time.process_time_ns()
             try:
                 return inner(*args, **kwargs)
             finally:
                 self.current[part] += time.perf_counter_ns() - t0
+                self.current[part + " cpu"] += time.process_time_ns() - c0
 
         setattr(owner, name, timed)
 
@@ -380,6 +422,8 @@ def breakdown(steps: list[dict[str, int]], skip: int) -> dict[str, float]:
     covers inside ``train_step``."""
     rows = steps[skip:]
     out = {part: statistics.mean(r.get(part, 0) for r in rows) / 1e6 for part in PARTS}
+    out |= {f"{part} cpu": statistics.mean(r.get(f"{part} cpu", 0) for r in rows) / 1e6
+            for part in PARTS if part != "logging"}
     out["train_step (median)"] = median_ms([r["train_step"] for r in rows])
     out["iteration (median)"] = median_ms([r["iteration"] for r in rows])
     out["iteration cpu (median)"] = median_ms([r["iteration_cpu"] for r in rows])
@@ -427,9 +471,14 @@ def quality(args: argparse.Namespace) -> None:
     if not args.megatrain_only:
         start = time.perf_counter()
         p = plain_loop(args.data, args.steps, args.log_every, seed=args.seed,
-                       bias=not args.no_bias)
-        out["plain"] = {"val_loss": val_loss(p["model"], args.data),
-                        "wall_s": time.perf_counter() - start, "bias": not args.no_bias}
+                       bias=not args.no_bias, order=args.order, compact=args.compact_vocab)
+        out["plain"] = {"val_loss": val_loss(p["model"], args.data, compact=args.compact_vocab),
+                        "seed": args.seed, "compact_vocab": args.compact_vocab,
+                        "wall_s": time.perf_counter() - start, "bias": not args.no_bias,
+                        "order": args.order}
+    if args.plain_only:
+        print(json.dumps(out, indent=1, default=float))
+        return
     start = time.perf_counter()
     m = megatrain_run(args.data, args.steps, args.log_every, args.override)
     out["megatrain"] = {"val_loss": val_loss(m["model"], args.data),
@@ -462,6 +511,12 @@ def main() -> None:
                            help="cProfile the first megatrain run; print the top N by tottime")
         else:
             p.add_argument("--seed", type=int, default=1337)
+            p.add_argument("--order", choices=("random", "stream"), default="random",
+                           help="the plain loop's batches: nanoGPT's random windows or "
+                           "megatrain's packed stream")
+            p.add_argument("--plain-only", action="store_true")
+            p.add_argument("--compact-vocab", action="store_true",
+                           help="plain loop: the text's characters only (nanoGPT's 65)")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.text, args.out)
