@@ -36,6 +36,7 @@ import json
 import math
 import os
 import pstats
+import shutil
 import statistics
 import subprocess
 import sys
@@ -392,9 +393,9 @@ def megatrain_run(data: Path, steps: int, log_every: int, extra: list[str],
         for u in undo:
             u()
         trainer.close()
+    shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoint and metrics: not needed
     result = {"steps": timers.steps, "counts": dict(timers.counts),
-              "sync_sites": dict(timers.sync_sites), "model": trainer.engine.module,
-              "run_dir": run_dir}
+              "sync_sites": dict(timers.sync_sites), "model": trainer.engine.module}
     if profiler:
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
