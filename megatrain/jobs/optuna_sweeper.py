@@ -51,7 +51,7 @@ JOURNAL = "optuna.journal"
 class OptunaSweeperConf:
     """``hydra.sweeper.*`` keys of ``hydra/sweeper=optuna``."""
 
-    _target_: str = "megatrain.jobs.optuna_sweeper.OptunaSweeper"
+    _target_: str = "hydra_plugins.megatrain_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     metric: str = "eval_loss"  # a key of the run's final eval metrics (its summary)
     direction: str = "minimize"  # minimize | maximize
     n_trials: int = 20
@@ -223,4 +223,6 @@ class _Resumed:
 def register() -> None:
     """Make the sweeper known to Hydra also in an editable install, whose import hook Hydra's
     plugin scan (pkgutil) cannot list; in a regular install the scan finds it as well."""
-    Plugins.instance().register(OptunaSweeper)
+    from hydra_plugins.megatrain_optuna_sweeper.optuna_sweeper import OptunaSweeper as Plugin
+
+    Plugins.instance().register(Plugin)

@@ -14,7 +14,7 @@ from megatrain.models.registry import MODEL_SPECS
 PACKAGE = Path(__file__).resolve().parents[2] / "megatrain"
 # ``python -m megatrain.<name>`` entry points: they only hand over to megatrain.cli.
 COMMAND_SHIMS = {"megatrain.train", "megatrain.prepare", "megatrain.generate", "megatrain.export",
-                 "megatrain.plan"}
+                 "megatrain.plan", "megatrain.plot", "megatrain.eval.__main__"}
 
 
 def _module_name(path: Path) -> str:
