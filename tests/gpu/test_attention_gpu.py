@@ -14,11 +14,6 @@ from megatrain.models.common.attention import (
 )
 from megatrain.models.gpt2 import GPT, GPTConfig
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
 CUDA = torch.device("cuda")
 
 

@@ -23,11 +23,6 @@ from megatrain.models.gpt2 import GPT, GPTConfig
 from megatrain.models.llama import Llama, LlamaConfig
 from megatrain.training.transforms import apply_transforms
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
 CUDA = torch.device("cuda")
 REPO = Path(__file__).resolve().parents[2]
 
