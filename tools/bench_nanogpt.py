@@ -325,16 +325,7 @@ def instrument(trainer: Any, timers: Timers) -> list[Callable[[], None]]:
         for module in (dist, ds_comm):
             if hasattr(module, name):
                 undo.append(timers.count(module, name, f"collective:{name}"))
-    inner_log = t._log_train
-
-    def log_train(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter_ns()
-        try:
-            return inner_log(*args, **kwargs)
-        finally:
-            timers.current["logging"] += time.perf_counter_ns() - t0
-
-    t._log_train = log_train
+    timers.wrap(t, "_log_train", "logging")
     inner_step = t.train_step
     state = {"last": None, "cpu": None}
 
