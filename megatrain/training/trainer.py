@@ -43,7 +43,7 @@ from megatrain.models.registry import get_model_spec, resolve_model_config, with
 from megatrain.training import checkpoint as ckpt
 from megatrain.training.best import BestTracker
 from megatrain.training.data_setup import check_same_tokenizer, resolve_train_data, shard_io
-from megatrain.training.engine import initialize_engine, resolve_precision
+from megatrain.training.engine import clips_itself, initialize_engine, resolve_precision
 from megatrain.training.epochs import EpochPlan, FiniteBatches
 from megatrain.training.fault_injection import FaultInjection
 from megatrain.training.losses import (
@@ -122,7 +122,7 @@ class Trainer:
         self.data_ended = False  # trainer.epochs: the data ended on every rank
         self.signals = signals or StopSignals()
         # DeepSpeed reports the gradient norm from its ZeRO / mixed-precision optimizers only.
-        self._engine_hides_grad_norm = cfg.deepspeed.zero_stage == 0 and self.precision == "fp32"
+        self._engine_hides_grad_norm = clips_itself(cfg.deepspeed.zero_stage, self.precision)
         self._grad_norm: torch.Tensor | None = None
         self._parts: dict[str, torch.Tensor] = {}  # loss parts (MLM + NSP) summed since the log
         self._micro_batches_since_log = 0
