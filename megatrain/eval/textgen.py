@@ -18,7 +18,7 @@ from torch import nn
 from megatrain.data.prepare.templates import PlainTemplate, Template, prompt_pieces
 from megatrain.data.tokenizer import Tokenizer
 from megatrain.eval import scorers
-from megatrain.models.generation import default_encode, generate_ids, generate_text
+from megatrain.models.generation import generate_text
 
 HEADLINE = {"bleu": ("bleu",), "rouge": scorers.ROUGE_TYPES}
 """The numbers of each task that stand for it (the F-measures for ROUGE): what training logs."""
@@ -65,14 +65,8 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
     ZeRO-3 model must make the same calls (each gathers weights collectively) and must not
     depend on agreeing, token for token, on when every row ended. The text is the same: a row
     is cut at its first EOS either way."""
-    if not lockstep:
-        return generate_text(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, temperature=0.0)
-    encode = default_encode(model, tokenizer)
-    ids = generate_ids(model, [encode(p) for p in prompts], max_new_tokens,
-                       batch_size=batch_size, temperature=0.0)  # no eos_id: never stops early
-    eos = tokenizer.eos_id
-    return [tokenizer.decode(row[:row.index(eos)] if eos in row else row) for row in ids]
+    return generate_text(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, temperature=0.0, stop_early=not lockstep)
 
 
 def prompt_text(prompt: str, sft: bool, template: Template | None = None) -> str:

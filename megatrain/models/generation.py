@@ -226,6 +226,7 @@ def generate(
     use_cache: bool = True,
     stop_fn: StopFn | None = None,
     pad_id: int | None = None,
+    stop_early: bool = True,
 ) -> Tensor:
     """Append up to ``max_new_tokens`` tokens to ``input_ids`` (B, T); returns (B, T + n).
 
@@ -237,8 +238,10 @@ def generate(
     bool, checked at the same points as EOS) says so; it then emits ``pad_id`` (default
     ``eos_id``). Generation stops once every row has finished, and the output ends at the step
     where the last one did. The device is checked for finished rows every step on CPU and every
-    8 steps elsewhere (each check syncs). The model runs in eval mode (no dropout) and is put
-    back in the mode it was in.
+    8 steps elsewhere (each check syncs). ``stop_early=False`` runs all ``max_new_tokens`` steps
+    whatever the rows drew (finished rows still emit ``pad_id``): the number of forward calls
+    follows from the arguments alone, as ranks of a ZeRO-3 model need. The model runs in eval mode (no dropout)
+    and is put back in the mode it was in.
 
     An encoder–decoder (``model.is_encoder_decoder``, T5) takes ``input_ids`` as the encoder's
     input, with ``attention_mask`` (B, T) 1/0 for its padding, and returns only the generated
@@ -256,7 +259,8 @@ def generate(
         seq2seq = getattr(model, "is_encoder_decoder", False)
         state_cls = _EncoderDecoder if seq2seq else _CausalLM
         state = state_cls(model, input_ids, attention_mask, max_new_tokens, use_cache)
-        new = _sample_loop(state, max_new_tokens, sampling, eos_id, fill, stop_fn, generator)
+        new = _sample_loop(state, max_new_tokens, sampling, eos_id, fill, stop_fn, generator,
+                           stop_early)
         return new if seq2seq else torch.cat([input_ids, new], dim=1)
     finally:
         model.train(was_training)
@@ -264,9 +268,9 @@ def generate(
 
 def _sample_loop(state: _CausalLM | _EncoderDecoder, max_new_tokens: int, sampling: Sampling,
                  eos_id: int | None, fill: int | None, stop_fn: StopFn | None,
-                 generator: torch.Generator | None) -> Tensor:
-    """The generated tokens (B, n): n is ``max_new_tokens`` or the step at which every row had
-    finished."""
+                 generator: torch.Generator | None, stop_early: bool) -> Tensor:
+    """The generated tokens (B, n): n is ``max_new_tokens`` or, with ``stop_early``, the step at
+    which every row had finished."""
     prompt, prompt_mask = state.prompt()
     B, device = prompt.size(0), prompt.device
     out = prompt.new_zeros(B, max_new_tokens)
@@ -294,11 +298,11 @@ def _sample_loop(state: _CausalLM | _EncoderDecoder, max_new_tokens: int, sampli
             done = done | stop_fn(out[:, :n]).to(device)
         if finishes:
             done_at = torch.where(done & (done_at > step), step, done_at)
-        if check and bool(done.all()):
+        if check and stop_early and bool(done.all()):
             break
         if n < max_new_tokens:
             logits = state.append(token)
-    if finishes and bool(done.all()):
+    if finishes and stop_early and bool(done.all()):
         n = min(n, int(done_at.max()) + 1)
     return out[:, :n]
 
@@ -344,15 +348,19 @@ def generate_ids(
     repetition_penalty: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    stop_early: bool = True,
 ) -> list[list[int]]:
     """The ids each prompt generates (EOS and what follows left out), in the prompts' order.
 
     Prompts run ``batch_size`` at a time, sorted by length so a batch holds similar lengths
     (less padding); decoders' prompts are left-padded, an encoder–decoder's inputs
     right-padded, both with a mask. ``stop_fn(ids)`` says a row's generated ids are finished
-    (stop strings)."""
+    (stop strings); it needs ``eos_id``, which a finished row emits and is cut at.
+    ``stop_early``: see :func:`generate`."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if stop_fn is not None and eos_id is None:
+        raise ValueError("stop_fn needs eos_id: a finished row emits it and is cut there")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt has no tokens (a decoder needs at least one: e.g. EOS)")
     device = _device(model)
@@ -360,14 +368,13 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     stop = None if stop_fn is None else _rows_stop(stop_fn, eos_id)
-    fill = 0 if eos_id is None else None  # a finished row's filler, cut off below
     for lo in range(0, len(order), batch_size):
         batch = order[lo:lo + batch_size]
         ids, mask = _pad([list(prompts[i]) for i in batch], left, device)
         out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
                        generator=generator, attention_mask=mask, use_cache=use_cache,
-                       stop_fn=stop, pad_id=fill)
+                       stop_fn=stop, stop_early=stop_early)
         new = out if not left else out[:, ids.size(1):]
         for i, row in zip(batch, new.tolist(), strict=True):
             results[i] = _cut_at(row, eos_id)
@@ -404,11 +411,13 @@ def generate_text(
     seed: int = 0,
     use_cache: bool = True,
     encode: Callable[[str], list[int]] | None = None,
+    stop_early: bool = True,
 ) -> list[str]:
     """What the model writes after each prompt (the prompt not included), in order: decoded
     without EOS and cut before the first stop string. Greedy by default (evaluation); ``seed``
     fixes sampling. ``encode`` turns a prompt into ids (default :func:`default_encode`; pass one
-    for a chat or SFT template)."""
+    for a chat or SFT template). ``stop_early=False``: every batch runs all ``max_new_tokens``
+    steps (see :func:`generate`); the text is the same."""
     encode = encode or default_encode(model, tokenizer)
     stops = [s for s in stop if s]
     stop_fn = None if not stops else (
@@ -420,5 +429,5 @@ def generate_text(
                        batch_size=batch_size, eos_id=tokenizer.eos_id, stop_fn=stop_fn,
                        temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, generator=generator,
-                       use_cache=use_cache)
+                       use_cache=use_cache, stop_early=stop_early)
     return [cut_at_stop(tokenizer.decode(row), stops) for row in ids]

@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatrain.config.schema import Config, EvalGenerateConfig
 from megatrain.errors import ConfigError
 from megatrain.eval.during_training import GenerationEval
 from megatrain.eval.inputs import read_pairs
 from megatrain.eval.model import load_eval_model
-from megatrain.eval.textgen import answer
+from megatrain.eval.textgen import answer, prompt_text
+from megatrain.models.generation import default_encode, generate_ids
 from megatrain.training.run import check_eval_generate
 from tests.unit.eval_fixtures import tiny_checkpoint
 
@@ -91,9 +93,23 @@ def test_the_task_on_a_live_model_is_megatrain_evals_in_lockstep_too(tmp_path: P
                                                                      family: str) -> None:
     """The first max_examples rows, batched, greedy: the generations megatrain-eval's code makes
     for those rows, and eval_bleu is sacrebleu on them. Lockstep (every batch runs all steps)
-    writes the same text; the table holds the first table_rows answers on the main rank only."""
+    writes the same text; the table holds the first table_rows answers on the main rank only.
+    The decoder is made to end a row (EOS) after the token it writes first for the longest
+    prompt (alone in its batch): without lockstep that batch stops early, in lockstep it runs
+    all steps."""
     loaded = load_eval_model(str(tiny_checkpoint(tmp_path, family)))
     model = loaded.model.train()  # as the trainer holds it
+    if family == "gpt":
+        prompts = [prompt_text(p, sft) for p, _, sft in read_pairs(_rows_file(tmp_path), 4)]
+        longest = max(prompts, key=len)
+        encode, eos = default_encode(model, loaded.tokenizer), loaded.tokenizer.eos_id
+        trigger = generate_ids(model, [encode(longest)], 1)[0][0]
+
+        def force_eos(_module: object, args: tuple, _kwargs: dict, logits: torch.Tensor) -> None:
+            ended = (args[0][:, -1] == trigger)[:, None]
+            logits[..., eos] = torch.where(ended, 1e4, logits[..., eos])
+
+        model.register_forward_hook(force_eos, with_kwargs=True)
     first = answer(model, loaded.tokenizer, read_pairs(_rows_file(tmp_path), 4),
                    max_new_tokens=12, batch_size=3)
     assert model.training  # put back in training mode
@@ -112,15 +128,17 @@ def test_the_task_on_a_live_model_is_megatrain_evals_in_lockstep_too(tmp_path: P
     assert expected.generations == first.generations and expected.references == refs[:4]
     direct = sacrebleu.corpus_bleu(expected.generations, [refs[:4]], tokenize="char").score
     assert 0 < direct < 100
-    calls = []
+    calls, counts = [], {}
     hook = model.register_forward_hook(lambda *_: calls.append(1))  # decoders: one per step
     for lockstep in (False, True):
         calls.clear()
         numbers, table = gen_eval.run(model, loaded.tokenizer, main=True, lockstep=lockstep)
         assert numbers == {"eval_bleu": pytest.approx(direct, abs=1e-9)}
         assert table == expected.rows(2)
+        counts[lockstep] = len(calls)
     hook.remove()
-    if family == "gpt":  # in lockstep each of the 2 batches runs all 12 steps
-        assert len(calls) == 2 * 12
+    if family == "gpt":  # in lockstep each of the 2 batches runs all 12 steps; without, the
+        # longest prompt's batch ends after its first token (EOS forced after it)
+        assert counts[False] <= 12 + 2 < counts[True] == 2 * 12
     numbers, table = gen_eval.run(model, loaded.tokenizer, main=False, lockstep=True)
     assert numbers == {} and table == []  # alone, nothing is broadcast to a non-main rank

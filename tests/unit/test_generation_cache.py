@@ -250,11 +250,24 @@ def test_generate_text_cuts_at_stop_strings_and_eos() -> None:
     stopped = generate_text(model, tok, prompts, max_new_tokens=20, batch_size=2, stop=[stop])
     assert stopped == [cut_at_stop(t, [stop]) for t in full]
     assert stopped[0] == full[0][:full[0].index(stop)]
+    ids = [tok.encode(p) for p in prompts]
+    ended = generate_ids(model, ids, 20, batch_size=2, eos_id=tok.eos_id,
+                         stop_fn=lambda row: stop in tok.decode(row))
+    end = full[0].index(stop) + len(stop)  # stopped early: the step that wrote the stop string
+    assert end < 20 and ended[0] == tok.encode(full[0][:end])
+    with pytest.raises(ValueError, match="stop_fn needs eos_id"):  # no token ends a row
+        generate_ids(model, ids, 20, stop_fn=lambda row: stop in tok.decode(row))
     assert cut_at_stop("abcXdefY", ["Y", "X", ""]) == "abc"
     j = next(j for j in range(1, 20) if full[1][j] not in full[1][:j])  # a new token
     eos = generate_ids(model, [tok.encode(p) for p in prompts], 20,
                        eos_id=tok.encode(full[1][j])[0])
     assert eos[1] == tok.encode(full[1][:j])  # EOS and what follows left out
+    assert generate_text(model, tok, prompts, max_new_tokens=20, batch_size=2, stop=[stop],
+                         stop_early=False) == stopped  # every step run: the same text
+    one, eos_id = torch.tensor([ids[1]]), tok.encode(full[1][j])[0]
+    for stop_early, steps in ((True, j + 1), (False, 20)):  # up to EOS, or every step
+        out = generate(model, one, 20, temperature=0.0, eos_id=eos_id, stop_early=stop_early)
+        assert out.shape == (1, one.size(1) + steps)
 
 
 # --- megatrain-generate ----------------------------------------------------------------------
