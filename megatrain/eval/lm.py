@@ -19,14 +19,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from megatrain.data.stream.objectives import IGNORE, build_objective
 from megatrain.data.stream.tasks import build_task_objective
 from megatrain.errors import ConfigError
 from megatrain.eval.inputs import TaskSample, TextDoc
 from megatrain.eval.model import EvalModel
-from megatrain.training.losses import eval_sums
+from megatrain.training.losses import eval_sums, model_inputs
 
 
 def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -61,15 +60,21 @@ def perplexity(loaded: EvalModel, docs: Sequence[TextDoc], *, stride: int | None
     nats, tokens = 0.0, 0
     for batch in _batches(jobs, batch_size):
         inputs, labels = _causal_batch(batch, loaded.device)
-        logits = loaded.model(inputs)  # (B, T, V)
-        nats += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                      ignore_index=IGNORE, reduction="sum").double())
-        tokens += int((labels != IGNORE).sum())
+        sums = _loss_sums(loaded, {"input_ids": inputs, "labels": labels})
+        nats, tokens = nats + float(sums["loss"]), tokens + int(sums["count"])
     nbytes = sum(doc.nbytes for doc in docs)
     loss = nats / tokens
     return {"loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": nats / math.log(2) / nbytes, "tokens": tokens, "bytes": nbytes,
             "documents": len(docs), "windows": len(jobs), "nats": nats}
+
+
+def _loss_sums(loaded: EvalModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The summed token loss and labelled count of ``batch`` (``losses.eval_sums``): the model
+    takes the labels and returns the loss computed a chunk of rows at a time, never the whole
+    (B, T, V) logits."""
+    inputs = model_inputs(batch, loaded.device, "on", loaded.model.config.vocab_size)
+    return eval_sums(loaded.model(**inputs), batch)
 
 
 def _batches(jobs: list, batch_size: int) -> Iterator[list]:
@@ -144,10 +149,7 @@ def target_loss(loaded: EvalModel, samples: Sequence[TaskSample], *, batch_size:
     loss, count = 0.0, 0.0
     for start in range(0, len(picked), batch_size):
         batch = objective.collate([[s] for s in picked[start : start + batch_size]])
-        batch = {k: v.to(loaded.device) for k, v in batch.items()}
-        logits = loaded.model(batch["input_ids"], batch["decoder_input_ids"],
-                              attention_mask=batch["attention_mask"])
-        sums = eval_sums(logits, batch)
+        sums = _loss_sums(loaded, batch)
         loss, count = loss + float(sums["loss"]), count + float(sums["count"])
     mean = loss / count
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "target_tokens": int(count),
