@@ -17,7 +17,7 @@ import torch
 from megatrain.cli.common import run_command
 from megatrain.data.prepare.sources import file_records
 from megatrain.errors import ConfigError, DataError
-from megatrain.models.generation import generate_text
+from megatrain.models.generation import Sampling, generate_text
 from megatrain.models.registry import get_model_spec
 from megatrain.training.pretrained import load_checkpoint_model, load_trained_model
 
@@ -56,16 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: _generate(args))
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _sampling(args: argparse.Namespace) -> Sampling:
+    """The checked arguments' sampling (``--top-k 0``: none); ConfigError for a bad one."""
     for name in ("batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
-        raise ConfigError("--max-new-tokens, --temperature and --top-k must be >= 0")
-    if not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p={args.top_p} must be in (0, 1]")
-    if args.repetition_penalty <= 0:
-        raise ConfigError(f"--repetition-penalty={args.repetition_penalty} must be > 0")
+    if args.max_new_tokens < 0 or args.top_k < 0:
+        raise ConfigError("--max-new-tokens and --top-k must be >= 0")
+    try:
+        return Sampling(args.temperature, args.top_k or None, args.top_p,
+                        args.repetition_penalty)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_generates(checkpoint: str) -> None:
@@ -94,7 +96,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    _check_args(args)
+    sampling = _sampling(args)
     _check_generates(args.checkpoint)
     rows = read_prompts(args.prompts) if args.prompts else None
     device = torch.device(args.device)
@@ -105,10 +107,9 @@ def _generate(args: argparse.Namespace) -> int:
         prompts = [row[next(f for f in PROMPT_FIELDS if f in row)] for row in rows]
     outputs = generate_text(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k or None,
-        top_p=args.top_p if args.top_p < 1 else None,
-        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-        use_cache=not args.no_cache)
+        batch_size=args.batch_size, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, stop=args.stop,
+        seed=args.seed, use_cache=not args.no_cache)
     if rows is None:
         for i, text in enumerate(outputs):
             if args.num_samples > 1:
