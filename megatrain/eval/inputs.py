@@ -27,6 +27,7 @@ from megatrain.data.stream.shard_reader import DEFAULT_IO, parse_shard
 from megatrain.data.tar import tar_samples
 from megatrain.errors import ConfigError, DataError
 from megatrain.eval.model import EvalModel
+from megatrain.training.data_setup import tokenizer_matches
 
 TEXT_FIELD = "text"
 
@@ -190,10 +191,7 @@ def _manifest(path: Path, loaded: EvalModel, task: str | None) -> Manifest:
     if fmt != task:
         raise ConfigError(f"--data {path} is {fmt or 'pretraining'} data; this task reads "
                           f"{task or 'pretraining text'}")
-    expected = manifest.tokenizer.get("sha256")
-    folder = loaded.tokenizer_file.parent
-    files = [folder / name for name in ("tokenizer.model", "tokenizer.json")]
-    if expected and not any(f.is_file() and sha256_file(f) == expected for f in files):
+    if not tokenizer_matches(loaded.tokenizer_file.parent, manifest):
         raise ConfigError(f"--data {path} was prepared with another tokenizer than "
                           f"{loaded.source}'s; prepare it with megatrain-prepare --tokenizer "
                           f"{loaded.tokenizer_file}")

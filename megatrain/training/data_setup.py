@@ -44,18 +44,22 @@ def init_tokenizer_file(init_from: str) -> Path:
     return find_tokenizer_file(resolve_checkpoint_path(Path(init_from)))
 
 
+def tokenizer_matches(folder: Path, manifest: Manifest) -> bool:
+    """Whether ``folder``'s tokenizer file (``tokenizer.model`` or ``tokenizer.json``) is the one
+    ``manifest``'s data was prepared with (its sha256); True when the manifest names none."""
+    expected = manifest.tokenizer.get("sha256")
+    files = [folder / name for name in ("tokenizer.model", "tokenizer.json")]
+    return not expected or any(f.is_file() and sha256_file(f) == expected for f in files)
+
+
 def check_same_tokenizer(init_from: str, manifest: Manifest) -> None:
     """Stop a run whose ``model.init_from`` checkpoint was trained with another tokenizer than
     the corpus was prepared with: the model would silently read the wrong ids. A megatrain
     checkpoint carries its exact tokenizer file, so a different sha256 is a different tokenizer;
     a Hugging Face folder may hold an equivalent file in another format, so there it is a
     warning."""
-    expected = manifest.tokenizer.get("sha256")
-    if not expected:
-        return
-    folder = init_tokenizer_file(init_from).parent
-    files = [folder / name for name in ("tokenizer.model", "tokenizer.json")]
-    if any(f.is_file() and sha256_file(f) == expected for f in files):
+    if not manifest.tokenizer.get("sha256") or tokenizer_matches(
+            init_tokenizer_file(init_from).parent, manifest):
         return
     message = (f"model.init_from={init_from} was trained with another tokenizer than "
                f"data.train={manifest.root} was prepared with; prepare the data with "
