@@ -96,12 +96,10 @@ class DecoderLM(ModelBase[ConfigT]):
             positions = torch.arange(past, past + input_ids.size(1), device=input_ids.device)[None]
         mask = batch_mask(attention_mask, doc_ids)
         x, rope = self.embed(input_ids, doc_ids, positions)  # (B, T, C)
-        if cache is None:
-            for block in self.blocks:
-                x = block(x, rope, mask)  # (B, T, C)
-        else:
-            for block, layer in zip(self.blocks, cache.layers, strict=True):
-                x = block(x, rope, mask, layer)  # (B, T, C)
+        layers = [None] * len(self.blocks) if cache is None else cache.layers
+        for block, layer in zip(self.blocks, layers, strict=True):
+            x = block(x, rope, mask, layer)  # (B, T, C)
+        if cache is not None:
             cache.advance(input_ids.size(1))
         if last_only:
             x = x[:, -1:]  # (B, 1, C)

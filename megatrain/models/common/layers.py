@@ -85,6 +85,5 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
                 mask: AttnMask | None = None, cache: LayerKV | None = None) -> Tensor:
-        h = self.ln_1(x)
-        x = x + (self.attn(h, rope, mask) if cache is None else self.attn(h, rope, mask, cache))
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))

@@ -104,12 +104,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, memory: Tensor, mask: AttnMask | None = None,
                 memory_mask: AttnMask | None = None, cache: LayerKV | None = None) -> Tensor:
-        if cache is None:
-            x = x + self.attn(self.ln_1(x), None, mask)  # (B, T, C)
-            x = x + self.cross_attn(self.ln_2(x), memory, memory_mask)  # (B, T, C)
-        else:  # generation: cached self-attention keys, cross-attention keys projected once
-            x = x + self.attn(self.ln_1(x), None, mask, cache)
-            x = x + self.cross_attn(self.ln_2(x), memory, memory_mask, cache)
+        # generation's cache: cached self-attention keys, cross-attention keys projected once
+        x = x + self.attn(self.ln_1(x), None, mask, cache)  # (B, T, C)
+        x = x + self.cross_attn(self.ln_2(x), memory, memory_mask, cache)  # (B, T, C)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -208,12 +205,11 @@ class T5(ModelBase[T5Config]):
         memory_mask = None if attention_mask is None else AttnMask(key_padding=_padding(
             attention_mask))
         x = self.drop(self.tok_emb(decoder_input_ids))  # (B, T, C)
-        if cache is None:
-            for block in self.decoder.blocks:
-                x = block(x, memory, mask, memory_mask)  # (B, T, C)
-        else:
-            for block, layer in zip(self.decoder.blocks, cache.layers, strict=True):
-                x = block(x, memory, mask, memory_mask, layer)  # (B, T, C)
+        blocks = self.decoder.blocks
+        layers = [None] * len(blocks) if cache is None else cache.layers
+        for block, layer in zip(blocks, layers, strict=True):
+            x = block(x, memory, mask, memory_mask, layer)  # (B, T, C)
+        if cache is not None:
             cache.advance(T)
         x = self.drop(self.decoder.ln_f(x))
         if self.config.tie_embeddings:  # v1.0 rescales before reusing the embedding
