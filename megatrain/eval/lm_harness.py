@@ -157,11 +157,6 @@ def sampling_args(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for lo in range(0, len(items), size):
-        yield items[lo:lo + size]
-
-
 def _batch_size(value: int | str | None) -> int:
     """lm-eval passes ``batch_size`` as given on its command line ("8", or "auto")."""
     if value in (None, "auto"):
@@ -211,7 +206,7 @@ def adapter_class() -> type:
         @property
         def prefix_token_id(self) -> int:
             """What an empty context is (HFLM's choice: BOS, else EOS)."""
-            return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+            return self.tok.bos_id if self.tok.bos_id >= 0 else self.tok.eos_id
 
         @property
         def max_length(self) -> int:

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +19,7 @@ pytest.importorskip("accelerate")  # HFLM
 
 from megatrain.cli.eval import main as eval_main
 from megatrain.errors import ConfigError
-from megatrain.eval.lm_harness import crop, offline, run_harness
+from megatrain.eval.lm_harness import adapter_class, crop, offline, run_harness
 from tests.unit.eval_fixtures import DOCS, tiny_checkpoint
 
 TASKS = ["tiny_mc", "tiny_roll", "tiny_gen"]
@@ -156,6 +157,15 @@ def test_result_says_what_ran(runs: dict, task_dir: Path) -> None:
 def test_crop_keeps_the_continuation() -> None:
     assert crop([1, 2, 3], [4, 5], 10) == [1, 2, 3, 4]
     assert crop([1, 2, 3, 4, 5], [6, 7], 4) == [3, 4, 5, 6]
+
+
+def test_an_empty_context_is_bos_else_eos() -> None:
+    """megatrain tokenizers mark a missing role -1 (not None): then EOS, as HFLM does."""
+    cls = adapter_class()
+    lm = cls.__new__(cls)
+    for bos, expected in ((-1, 2), (1, 1)):
+        lm.tok = SimpleNamespace(bos_id=bos, eos_id=2)
+        assert lm.prefix_token_id == expected
 
 
 def test_offline_only_while_the_harness_runs(monkeypatch: pytest.MonkeyPatch) -> None:
