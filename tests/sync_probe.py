@@ -72,11 +72,13 @@ def count_reads(host: set[int], device: torch.device) -> Iterator[list[str]]:
 
 class HostBatches:
     """The stream's batches, remembering each one's tensors (and what they derive on the host
-    for the loss weights) as host tensors."""
+    for the loss weights) as host tensors. Every batch handed out is kept alive: a freed
+    tensor's id is soon another tensor's (the next step's loss), whose reads would be skipped."""
 
     def __init__(self, batches: Iterator[dict[str, torch.Tensor]], host: set[int],
                  device: torch.device) -> None:
         self.batches, self.host, self.device = batches, host, device
+        self.kept: list[dict[str, torch.Tensor]] = []
 
     def __iter__(self) -> HostBatches:
         return self
@@ -84,6 +86,7 @@ class HostBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = next(self.batches)
         if self.device.type == "cpu":  # on a GPU host tensors are told apart by their device
+            self.kept.append(batch)
             self.host.update(id(t) for t in batch.values() if isinstance(t, torch.Tensor))
         return batch
 
