@@ -28,7 +28,7 @@ from megatrain.training.losses import (
     model_inputs,
     training_loss,
 )
-from megatrain.training.memory_plan import LOSS_BYTES_PER_LOGIT, activation_bytes, plan_memory
+from megatrain.training.memory_plan import activation_bytes, loss_bytes, plan_memory
 
 VOCAB, SEQ, ROWS, CHUNK = 300, 24, 3, 7  # 72 tokens: chunks of 7 do not divide them
 TOKENIZER = SimpleNamespace(unk_id=0, bos_id=1, eos_id=2, pad_id=3, cls_id=4, sep_id=5,
@@ -243,21 +243,73 @@ LLAMA = LlamaConfig(n_layers=2, d_model=512, n_heads=8, d_ff=1376, vocab_size=12
                     max_seq_len=2048)
 
 
+# The planner's loss figures for LLAMA, 4 x 2048 = 8192 tokens, written out by hand:
+# whole logits: 8192 tokens x 128256 vocab = 1_050_673_152 logits, at b (the logits) + 12 bytes
+# of fp32 cross-entropy each: fp32 16 B -> 16_810_770_432, bf16 14 B -> 14_709_424_128.
+# chunked (auto): 2^25 // 128256 = 261 rows, 261 x 128256 = 33_474_816 logits at the same
+# bytes, plus one fp32 log-sum-exp per token (4 x 8192 = 32_768); in bf16 also the fp32
+# accumulator of the head weight's gradient and one chunk's bf16 part of it, 128256 x 512 =
+# 65_667_072 elements x (4 + 2) B = 394_002_432.
+#   fp32: 33_474_816 x 16 + 32_768 = 535_629_824
+#   bf16: 33_474_816 x 14 + 32_768 + 394_002_432 = 862_682_624
+PLANNED = {"fp32": (16_810_770_432, 535_629_824), "bf16": (14_709_424_128, 862_682_624)}
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_planner_counts_one_chunk_of_logits(precision: str) -> None:
     kw = {"precision": precision, "micro_batch_size": 4, "seq_len": 2048}
     full = activation_bytes(LLAMA, "llama", chunked_loss="off", **kw)
     auto = activation_bytes(LLAMA, "llama", chunked_loss="auto", **kw)
-    b = 4 if precision == "fp32" else 2
-    tokens, rows = 4 * 2048, losses.CHUNK_LOGITS // LLAMA.vocab_size
-    assert full.loss == tokens * LLAMA.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
+    rows = 261
+    assert (full.loss, auto.loss) == PLANNED[precision]
     assert full.loss_chunk == 0 and auto.loss_chunk == rows
-    accumulator = 0 if b == 4 else LLAMA.vocab_size * LLAMA.d_model * (4 + b)
-    assert auto.loss == rows * LLAMA.vocab_size * (b + LOSS_BYTES_PER_LOGIT) + 4 * tokens \
-        + accumulator
     assert auto.loss < full.loss / 10
     assert (auto.blocks, auto.head) == (full.blocks, full.head)
     plan = plan_memory(LLAMA, "llama", zero_stage=0, offload_optimizer=False,
                        offload_param=False, world_size=1, activation_checkpointing=False,
                        vocab_size=LLAMA.vocab_size, **kw)
     assert any(f"({rows} rows at a time)" in item.what for item in plan.items)
+
+
+def _peak_bytes(head: LMHead, x: torch.Tensor, labels: torch.Tensor, rows: int) -> int:
+    """The most bytes torch's CPU allocator held at once, above what existed before, over one
+    forward + backward of the head and the loss (the trainer's path: whole logits through
+    training_loss, or the chunked loss ``rows`` at a time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = head(x, labels, rows) if rows else head(x)
+        training_loss(out, {"labels": labels}, "sum")[0].backward()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:  # nbytes: + an allocation, - a free
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_planners_loss_bytes_bound_what_the_loss_allocates(dtype: torch.dtype) -> None:
+    """memory_plan.loss_bytes against the bytes the loss really allocates (less the head
+    weight's and the hidden states' gradients, which the planner counts elsewhere): the whole
+    logits' peak about as planned; a chunked loss's peak within the planned figure (at most
+    2.5 times less), and set by the chunk's rows, not by the tokens."""
+    vocab, d, rows, b = 4096, 256, 128, torch.finfo(dtype).bits // 8
+    head = LMHead(d, vocab, bias=False).to(dtype)
+    measured = {}
+    for tokens in (1024, 2048):
+        x = torch.randn(1, tokens, d, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+        gradients = (vocab + tokens) * d * b
+        for chunk in (0, rows):
+            measured[tokens, chunk] = _peak_bytes(head, x, labels, chunk) - gradients
+            head.weight.grad = None
+    for tokens in (1024, 2048):
+        full = loss_bytes(vocab, d, tokens, b)
+        assert 0.9 * full <= measured[tokens, 0] <= full, (tokens, measured)
+        chunked = loss_bytes(vocab, d, tokens, b, rows)
+        assert chunked / 2.5 <= measured[tokens, rows] <= chunked, (tokens, measured)
+    # twice the tokens: twice the whole logits, the same chunk (+ a log-sum-exp per token)
+    assert measured[2048, 0] > 1.9 * measured[1024, 0]
+    assert measured[2048, rows] - measured[1024, rows] < 0.05 * measured[1024, rows]

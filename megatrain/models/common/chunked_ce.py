@@ -96,8 +96,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if grad_w is not None:
                 if dtype == acc:
                     grad_w.addmm_(g.t(), h)
-                else:  # no mixed-dtype addmm on every backend: add the chunk's part in fp32
-                    grad_w += (g.t() @ h).to(acc)
+                else:  # no mixed-dtype addmm on every backend: add the chunk's part in place
+                    grad_w += g.t() @ h  # (on CUDA cast inside the add, no fp32 copy)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
