@@ -63,17 +63,27 @@ def history(path: Path) -> list[dict[str, Any]]:
 
 def run_logs(wandb_dir: Path, run_id: str, skip: Path | None = None) -> list[Path]:
     """Every transaction log of ``run_id`` under ``wandb_dir`` (one per attempt, offline and
-    online), oldest first; ``skip``: a run folder to leave out (the attempt now running)."""
-    folders = [f for pattern in (f"offline-run-*-{run_id}", f"run-*-{run_id}")
-               for f in wandb_dir.glob(pattern) if f.is_dir() and f != skip]
-    folders.sort(key=lambda f: f.name.removeprefix("offline-"))  # run-<date>_<time>-<id>
-    return [f / f"run-{run_id}.wandb" for f in folders if (f / f"run-{run_id}.wandb").exists()]
+    online), oldest first; ``skip``: a run folder to leave out (the attempt now running).
+
+    An attempt's folder is ``[offline-]run-<date>_<time>-<id>``, with a ``-N`` suffix when a
+    folder of that name exists already (the run started again within the same second)."""
+    attempts = []
+    for folder in wandb_dir.glob(f"*run-*-{run_id}*"):
+        log = folder / f"run-{run_id}.wandb"
+        if folder.is_symlink() or folder == skip or not log.is_file():  # latest-run: a link
+            continue
+        stamp, _, rest = folder.name.removeprefix("offline-").removeprefix("run-").partition("-")
+        suffix = rest.removeprefix(run_id).removeprefix("-")
+        if rest.startswith(run_id) and (suffix == "" or suffix.isdigit()):
+            attempts.append(((stamp, int(suffix or 0)), log))
+    return [log for _, log in sorted(attempts)]
 
 
 def last_step(wandb_dir: Path, run_id: str, skip: Path | None = None) -> int:
     """The highest step any transaction log of ``run_id`` holds a history row for (0: none)."""
-    return max((row["_step"] for path in run_logs(wandb_dir, run_id, skip)
-                for row in history(path)), default=0)
+    return max((record.history.step.num for path in run_logs(wandb_dir, run_id, skip)
+                for record in records(path) if record.WhichOneof("record_type") == "history"),
+               default=0)
 
 
 def run_history(wandb_dir: Path, run_id: str) -> list[dict[str, Any]]:

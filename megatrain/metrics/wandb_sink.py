@@ -116,7 +116,6 @@ class WandbSink:
         """The run goes on from ``step`` (a resume or a rollback), its rows so far ``surviving``:
         drop the held rows (after ``step``: abandoned), fork when W&B already holds steps past
         ``step``, and send the surviving rows W&B lacks."""
-        self.held = []
         if self.through > step:
             old = self.run.id
             log.warning("wandb: run %s already holds steps up to %d, past step %d where this "
