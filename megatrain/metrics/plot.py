@@ -2,23 +2,23 @@
 
 The data side (``find_runs``, ``series``) is plain Python so it can be tested without pixels;
 ``draw`` is the only part that needs matplotlib (the ``megatrain[plot]`` extra, Agg backend).
-Only ``metrics.jsonl`` is read — rows an abandoned timeline left in ``metrics.abandoned.jsonl``
-are not part of the run's history — and where a file still holds a step twice (a rollback or
-crash-resume written before rows were moved aside), the last row for the step wins, metric by
-metric: a step's train row and eval row are separate rows and both count.
+Only ``metrics.jsonl`` is read (``jsonl.read_rows``) — rows an abandoned timeline left in
+``metrics.abandoned.jsonl`` are not part of the run's history — and where a file still holds a
+step twice (a rollback or crash-resume written before rows were moved aside), the last row for
+the step wins, metric by metric: a step's train row and eval row are separate rows and both
+count.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatrain.errors import ConfigError, DataError
+from megatrain.metrics.jsonl import METRICS_FILE, read_rows
 
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_METRICS = ("loss", "eval_loss", "lr", "tokens_per_s")
 # The x axes a row can be drawn against: the option's name -> the column that holds it.
 X_AXES = {"step": "step", "tokens": "tokens_seen"}
@@ -35,25 +35,6 @@ class RunMetrics:
 
     def has(self, metric: str) -> bool:
         return any(_number(row.get(metric)) is not None for row in self.rows)
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl``; a torn last line (a crash mid-write) is skipped."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # no newline after it: the write was cut short
-                continue
-            raise DataError(f"{path}:{number}: not a JSON row ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise DataError(f"{path}:{number}: a metrics row is an object with an integer 'step'")
-        rows.append(row)
-    return rows
 
 
 def run_folders(path: Path) -> list[Path]:

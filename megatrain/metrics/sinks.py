@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from megatrain.config.schema import Config
+from megatrain.metrics.jsonl import ABANDONED_FILE, METRICS_FILE, read_rows, read_rows_and_tail
 from megatrain.metrics.wandb_sink import WandbSink
 
 log = logging.getLogger("megatrain")
@@ -91,8 +92,9 @@ class JsonlSink:
 
     def __init__(self, path: Path, resume: ResumePoint | None) -> None:
         self.path = path
-        self.abandoned = path.with_name("metrics.abandoned.jsonl")
-        self.rows = self._go_back(resume or ResumePoint(0, 0), "resume" if resume else "restart")
+        self.abandoned = path.with_name(ABANDONED_FILE)
+        self.rows = len(self._go_back(resume or ResumePoint(0, 0),
+                                      "resume" if resume else "restart"))
         self.file = path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -104,34 +106,38 @@ class JsonlSink:
         """To disk before anything else learns of these rows (a checkpoint, W&B)."""
         os.fsync(self.file.fileno())
 
-    def go_back(self, point: ResumePoint, reason: str) -> None:
+    def go_back(self, point: ResumePoint, reason: str) -> list[dict[str, Any]]:
+        """Back to the checkpoint ``point`` describes; the rows that survive, in order."""
         self.file.close()
-        self.rows = self._go_back(point, reason)
+        kept = self._go_back(point, reason)
+        self.rows = len(kept)
         self.file = self.path.open("a", encoding="utf-8")
+        return kept
 
     def surviving(self) -> list[dict[str, Any]]:
         """The rows of the timeline that survived so far, in order."""
-        return _read_rows(self.path)
+        return read_rows(self.path)
 
-    def _go_back(self, point: ResumePoint, reason: str) -> int:
+    def _go_back(self, point: ResumePoint, reason: str) -> list[dict[str, Any]]:
         """Keep the rows the checkpoint had (the first ``point.rows``; by step for an older
-        checkpoint), move the rest aside; the number kept."""
-        if not self.path.exists():
-            return 0
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
+        checkpoint), move the rest aside, drop a torn last line (a crash mid-write); the rows
+        kept."""
+        rows, torn = read_rows_and_tail(self.path)
+        if torn:
+            log.warning("metrics: %s ends in a torn line (a crash mid-write): dropped",
+                        self.path)
         if point.rows is not None:
-            keep = min(point.rows, len(lines))
+            keep = min(point.rows, len(rows))
         else:
-            keep = next((i for i, line in enumerate(lines)
-                         if json.loads(line).get("step", 0) > point.step), len(lines))
-        if keep < len(lines):
-            self._abandon([json.loads(line) for line in lines[keep:]], point.step, reason)
-            _write_atomic(self.path, lines[:keep])
-        return keep
+            keep = next((i for i, row in enumerate(rows) if row["step"] > point.step), len(rows))
+        if keep < len(rows):
+            self._abandon(rows[keep:], point.step, reason)
+        if keep < len(rows) or torn:
+            _write_atomic(self.path, rows[:keep])
+        return rows[:keep]
 
     def _abandon(self, rows: list[dict[str, Any]], step: int, reason: str) -> None:
-        timeline = 1 + max((r.get("timeline", 0) for r in _read_rows(self.abandoned)), default=0)
+        timeline = 1 + max((r.get("timeline", 0) for r in read_rows(self.abandoned)), default=0)
         with self.abandoned.open("a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({**row, "timeline": timeline, "rewound_to": step,
@@ -145,17 +151,10 @@ class JsonlSink:
         self.file.close()
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-
-
-def _write_atomic(path: Path, lines: list[str]) -> None:
+def _write_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -165,9 +164,8 @@ def truncate_after(path: Path, step: int) -> None:
     """Drop rows past ``step``: a resumed run repeats those steps, so they must not appear twice."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    rows = [row for row in read_rows(path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 class MetricSinks:
@@ -189,9 +187,9 @@ class MetricSinks:
 
     def go_back(self, point: ResumePoint, reason: str) -> None:
         """The run went back to the checkpoint ``point`` describes (``reason``: rollback)."""
-        self.jsonl.go_back(point, reason)
+        surviving = self.jsonl.go_back(point, reason)
         if self.wandb is not None:
-            self.wandb.go_back(point.step, self.jsonl.surviving())
+            self.wandb.go_back(point.step, surviving)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint records of the metrics (``ResumePoint.from_state`` reads it); the
@@ -214,7 +212,7 @@ def build_sinks(cfg: Config, run_dir: Path, resume: ResumePoint | None,
     a run from scratch; rows already in the run folder are moved aside). From another folder's
     checkpoint this folder's history starts after its step, in a W&B run forked from its run."""
     here = replace(resume, rows=0) if resume and resume.elsewhere else resume
-    jsonl = JsonlSink(run_dir / "metrics.jsonl", here)
+    jsonl = JsonlSink(run_dir / METRICS_FILE, here)
     start = resume.step if resume else 0
     wandb = WandbSink.create(cfg.logger.wandb, run_dir, cfg.run.name, config_dict,
                              resume.wandb_run_id if resume else None, start, jsonl.surviving(),

@@ -51,6 +51,28 @@ def test_jsonl_from_an_older_checkpoint_goes_back_by_step(tmp_path: Path) -> Non
         "metrics.abandoned.jsonl"))} == {"resume", "restart"}
 
 
+def test_a_torn_last_line_is_dropped_on_resume(tmp_path: Path) -> None:
+    """A crash mid-write leaves the last row torn: the resume drops it (the checkpoint never
+    counted it) instead of failing, and the next row starts on a line of its own."""
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path, None)
+    _log_steps(sink, range(1, 4))
+    at_3 = sink.rows
+    sink.close()
+    with path.open("a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    for resume in (ResumePoint(3, at_3), ResumePoint(3)):  # counted rows, or by step
+        sink = JsonlSink(path, resume)
+        assert sink.rows == 3
+        sink.log({"step": 4, "loss": 0.25})
+        sink.close()
+        assert [(r["step"], r["loss"]) for r in _rows(path)] == [
+            (1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+        path.write_text(path.read_text().removesuffix('{"step": 4, "loss": 0.25}\n') +
+                        '{"step": 4, "lo')
+    assert not path.with_name("metrics.abandoned.jsonl").exists()
+
+
 def test_wandb_auto_mode_is_offline_without_a_key(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
