@@ -13,8 +13,13 @@ from megatrain.cli.plot import main
 from megatrain.errors import ConfigError, DataError
 from megatrain.metrics.plot import find_runs, last_per_step, read_rows, series
 
-pytest.importorskip("matplotlib")
 TOKENS_PER_STEP = 1000
+
+
+@pytest.fixture
+def matplotlib() -> None:
+    """For the tests that draw; the data side needs no matplotlib (the ``plot`` extra)."""
+    pytest.importorskip("matplotlib")
 
 
 def train_row(step: int, loss: float, lr: float = 1e-3) -> dict:
@@ -85,6 +90,7 @@ def test_runs_of_one_name_are_named_by_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml")])
+@pytest.mark.usefixtures("matplotlib")
 def test_the_command_writes_the_image(tmp_path: Path, suffix: str, magic: bytes,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     a, b = two_runs(tmp_path)
@@ -94,6 +100,7 @@ def test_the_command_writes_the_image(tmp_path: Path, suffix: str, magic: bytes,
     assert "loss, eval_loss, lr, tokens_per_s of 2 run(s) against tokens" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("matplotlib")
 def test_a_metric_no_run_logs_is_left_out_and_said(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     a, _ = two_runs(tmp_path)
