@@ -1,5 +1,6 @@
 """``hydra/sweeper=optuna``: a Hydra sweeper on current Optuna that searches any config keys for the
-best final metric of a run (``eval_loss`` by default, minimised).
+best final metric of a run (``eval_loss`` by default; minimised or maximised as the metric's own
+direction, unless ``hydra.sweeper.direction`` says).
 
     megatrain-train -m hydra/sweeper=optuna hydra.sweeper.n_trials=20 experiment=quickstart \
         'optim.lr=tag(log, interval(1e-4, 1e-2))' 'trainer.micro_batch_size=choice(8, 16)'
@@ -40,7 +41,6 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("megatrain")
@@ -53,7 +53,8 @@ class OptunaSweeperConf:
 
     _target_: str = "hydra_plugins.megatrain_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     metric: str = "eval_loss"  # a key of the run's final eval metrics (its summary)
-    direction: str = "minimize"  # minimize | maximize
+    # minimize | maximize; None: the metric's own (losses minimised, accuracies maximised)
+    direction: Optional[str] = None  # noqa: UP045 (OmegaConf reads it at run time)
     n_trials: int = 20
     n_jobs: int = 1  # trials launched together (SLURM: jobs in the queue at once)
     study_name: str = "${run.name}"
@@ -109,15 +110,17 @@ def trial_overrides(fixed: list[str], params: dict[str, Any]) -> list[str]:
 class OptunaSweeper(Sweeper):
     """Ask Optuna for ``n_jobs`` trials, launch them, tell it their final metric; repeat."""
 
-    def __init__(self, metric: str, direction: str, n_trials: int, n_jobs: int, study_name: str,
-                 storage: str | None, sampler: Any,
+    def __init__(self, metric: str, direction: str | None, n_trials: int, n_jobs: int,
+                 study_name: str, storage: str | None, sampler: Any,
                  params: DictConfig | None) -> None:
-        if direction not in ("minimize", "maximize"):
+        from megatrain.jobs.sweep import direction_of
+
+        if direction not in (None, "minimize", "maximize"):
             raise ValueError(f"hydra.sweeper.direction={direction}: minimize or maximize")
-        self.metric, self.direction = metric, direction
+        self.metric, self.direction = metric, direction_of(metric, direction)
         self.n_trials, self.n_jobs = n_trials, max(1, n_jobs)
         self.study_name, self.storage = study_name, storage
-        self.sampler_cfg = sampler
+        self.sampler = sampler  # Hydra has instantiated its _target_ already
         self.params = dict(params or {})
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -141,7 +144,7 @@ class OptunaSweeper(Sweeper):
             storage = None
         return optuna.create_study(
             study_name=self.study_name, storage=storage, direction=self.direction,
-            sampler=_built(self.sampler_cfg),
+            sampler=self.sampler,
             load_if_exists=True)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
@@ -203,13 +206,6 @@ class OptunaSweeper(Sweeper):
             return
         log.info("optuna: best trial %d, %s %.4f, %s", best.number, self.metric, best.value,
                  " ".join(f"{k}={v}" for k, v in best.params.items()))
-
-
-def _built(sampler: Any) -> Any:
-    """The sampler: Hydra instantiates ``_target_`` nodes of a plugin's config recursively."""
-    if isinstance(sampler, (dict, DictConfig)):
-        return instantiate(sampler)
-    return sampler
 
 
 @dataclass

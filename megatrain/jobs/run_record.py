@@ -32,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from megatrain.errors import ConfigError
+from megatrain.jobs.sweep import override_key
 
 RECORD_DIR = ".hydra"
 OVERRIDES = "overrides.yaml"
@@ -111,10 +112,6 @@ def recorded_overrides(run_dir: Path) -> list[str]:
     return overrides
 
 
-def _key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
-
-
 def expand_rerun(args: list[str]) -> tuple[list[str], Path | None]:
     """``--rerun RUN_DIR more...`` → the run's recorded overrides (less its ``run.dir``), then
     ``more`` (later overrides win); also the source folder, which the rerun must not train in."""
@@ -124,7 +121,7 @@ def expand_rerun(args: list[str]) -> tuple[list[str], Path | None]:
     if i + 1 >= len(args):
         raise ConfigError(f"{RERUN_FLAG} needs a run folder: {RERUN_FLAG} RUN_DIR run.dir=NEW")
     source = Path(args[i + 1])
-    recorded = [o for o in recorded_overrides(source) if _key(o) != "run.dir"]
+    recorded = [o for o in recorded_overrides(source) if override_key(o) != "run.dir"]
     return args[:i] + recorded + args[i + 2:], source.resolve()
 
 
@@ -145,7 +142,8 @@ def align_run_dirs(args: list[str]) -> list[str]:
     ConfigError."""
     multirun = is_multirun(args)
     ours, alias = ("hydra.sweep.dir", "run.dir") if multirun else ("run.dir", "hydra.run.dir")
-    values = {_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    values = {override_key(a): a.split("=", 1)[1]
+              for a in args if "=" in a and not a.startswith("-")}
     if alias not in values:
         return args
     value = values[alias]
@@ -155,7 +153,7 @@ def align_run_dirs(args: list[str]) -> list[str]:
     if ours in values and values[ours] != value:
         raise ConfigError(f"{alias}={value} and {ours}={values[ours]}: one folder setting "
                           f"({ours} wins, {alias} follows it); give one of them")
-    out = [a for a in args if "=" not in a or _key(a) not in (ours, alias)]
+    out = [a for a in args if "=" not in a or override_key(a) not in (ours, alias)]
     return out + [f"{ours}={value}"]
 
 

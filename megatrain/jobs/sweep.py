@@ -12,7 +12,8 @@ to ``<job dir>/sweep_result.json`` when the job ends — wherever it runs, so al
 job — and, when the multirun ends, ``<sweep dir>/sweep_summary.json``: the final eval loss of every
 job and the best job's overrides, also logged to W&B (offline without an API key). The score is
 the job's final ``metric`` (``hydra.sweeper.metric`` under ``hydra/sweeper=optuna``, else
-``eval_loss``), best by ``hydra.sweeper.direction`` (else minimize). After a sweep that
+``eval_loss``), best by ``hydra.sweeper.direction`` (else the metric's own: losses minimised,
+accuracies and scores maximised). After a sweep that
 stopped early (a failed job makes Hydra stop before ``on_multirun_end``), write the summary of
 what finished with ``python -m megatrain.jobs.sweep SWEEP_DIR``.
 """
@@ -32,6 +33,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from megatrain.training.best import minimised
+
 log = logging.getLogger("megatrain")
 RESULT_FILE = "sweep_result.json"
 SUMMARY_FILE = "sweep_summary.json"
@@ -41,9 +44,14 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def override_key(arg: str) -> str:
+    """The config key a Hydra override sets (``+a.b=1``, ``~a.b`` and ``a.b=1`` → ``a.b``)."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
 def overridden_keys(overrides: list[str]) -> set[str]:
-    """The config keys a list of Hydra overrides sets (``+a.b=1`` and ``a.b=1`` → ``a.b``)."""
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    """The config keys a list of Hydra overrides sets."""
+    return {override_key(o) for o in overrides}
 
 
 def prepare_sweep_job(cfg: DictConfig) -> None:
@@ -58,21 +66,26 @@ def prepare_sweep_job(cfg: DictConfig) -> None:
         cfg.logger.wandb.group = name
 
 
+def direction_of(metric: str, direction: str | None = None) -> str:
+    """``direction`` when given, else the metric's own (``minimised``: losses and perplexities
+    minimize, accuracies and scores maximize)."""
+    if direction is not None:
+        return direction
+    return "minimize" if minimised(metric) else "maximize"
+
+
 def objective(config: DictConfig) -> tuple[str, str]:
-    """The metric a sweep ranks jobs by and its direction (the Optuna sweeper's, or eval_loss
-    minimised)."""
-    metric = OmegaConf.select(config, "hydra.sweeper.metric", default=None) or "eval_loss"
-    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None) or "minimize"
-    return str(metric), str(direction)
+    """The metric a sweep ranks jobs by and its direction (the Optuna sweeper's, or eval_loss;
+    the direction the sweeper's, else the metric's own)."""
+    metric = str(OmegaConf.select(config, "hydra.sweeper.metric", default=None) or "eval_loss")
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+    return metric, direction_of(metric, None if direction is None else str(direction))
 
 
-def job_metric(value: Any, metric: str = "eval_loss") -> float | None:
+def job_metric(value: dict[str, Any] | None, metric: str = "eval_loss") -> float | None:
     """A job's final ``metric`` from what its task function returned (its final eval metrics,
-    or a bare eval loss), or None when it has none or it is not finite."""
-    if isinstance(value, dict):
-        value = value.get(metric)
-    elif metric != "eval_loss":
-        value = None
+    or None), or None when it has none or it is not finite."""
+    value = value.get(metric) if isinstance(value, dict) else None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None

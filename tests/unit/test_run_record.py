@@ -10,11 +10,12 @@ from pathlib import Path
 import optuna.distributions as d
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from megatrain.errors import ConfigError
-from megatrain.jobs.optuna_sweeper import search_space
+from megatrain.jobs.optuna_sweeper import OptunaSweeper, search_space
 from megatrain.jobs.run_record import align_run_dirs, expand_rerun, record_folder
-from megatrain.jobs.sweep import job_metric, summarize
+from megatrain.jobs.sweep import job_metric, objective, summarize
 
 
 def test_one_folder_setting_wins() -> None:
@@ -72,8 +73,25 @@ def test_search_spaces() -> None:
 
 def test_job_metric() -> None:
     assert job_metric({"eval_loss": 2.5, "eval_acc": 0.5}, "eval_acc") == 0.5
-    assert job_metric(3.0) == 3.0 and job_metric(3.0, "eval_acc") is None
     assert job_metric({"eval_loss": float("nan")}) is None and job_metric(None) is None
+
+
+@pytest.mark.parametrize("metric, direction, want", [
+    ("eval_loss", None, "minimize"), ("eval_ppl", None, "minimize"),
+    ("eval_accuracy", None, "maximize"), ("eval_rouge1", None, "maximize"),
+    ("eval_accuracy", "minimize", "minimize"), ("eval_loss", "maximize", "maximize")])
+def test_a_sweep_direction_is_the_metrics_own_unless_given(metric: str, direction: str | None,
+                                                            want: str) -> None:
+    """Both the Optuna study and the sweep summary: accuracies and scores are maximised, losses
+    and perplexities minimised (training.best.minimised), an explicit direction wins."""
+    sweeper = OptunaSweeper(metric, direction, n_trials=1, n_jobs=1, study_name="s",
+                            storage="memory", sampler=None, params=None)
+    assert sweeper.direction == want
+    config = OmegaConf.create({"hydra": {"sweeper": {"metric": metric, "direction": direction}}})
+    assert objective(config) == (metric, want)
+    assert objective(OmegaConf.create({"hydra": {}})) == ("eval_loss", "minimize")
+    with pytest.raises(ValueError, match="minimize or maximize"):
+        OptunaSweeper(metric, "max", 1, 1, "s", "memory", None, None)
 
 
 def test_the_best_job_follows_the_direction(tmp_path: Path) -> None:
