@@ -28,8 +28,8 @@ from megatrain.jobs.run_record import (
     job_log,
     write_run_record,
 )
-from megatrain.jobs.sweep import prepare_sweep_job
-from megatrain.jobs.torchrun_job import in_sweep_job, run_sweep_job
+from megatrain.jobs.sweep import in_multirun, prepare_sweep_job
+from megatrain.jobs.torchrun_job import run_sweep_job
 from megatrain.training.run import checked_config, run_training
 
 _rerun_source: Path | None = None  # --rerun's run folder: the rerun must train elsewhere
@@ -38,14 +38,17 @@ _rerun_source: Path | None = None  # --rerun's run folder: the rerun must train 
 @hydra.main(version_base=None, config_path="pkg://megatrain.configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> dict[str, float] | None:
     prepare_sweep_job(cfg)
-    if in_sweep_job():  # a sweep job starts its own ranks (torchrun), never is one
+    # A job of a multirun, whatever its launcher, starts its own ranks (torchrun), never is
+    # one: the basic launcher runs jobs one after another in the Hydra process, which cannot
+    # host a second DeepSpeed run (its process groups stay cached) nor survive a job's sys.exit.
+    if in_multirun():
         return run_sweep_job(cfg)
     try:
         check_not_source(cfg, _rerun_source)
-        checked_config(cfg)  # a config that cannot run leaves no record behind
+        config = checked_config(cfg)  # a config that cannot run leaves no record behind
         write_run_record(cfg)
         with job_log(cfg):
-            result = run_training(cfg)
+            result = run_training(cfg, config)
     except MegatrainError as err:
         record_exit(err.exit_code, f"{err.label}: {err}")
         sys.exit(report(err))

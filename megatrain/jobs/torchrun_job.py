@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 
 from megatrain.errors import EXIT_OK, EXIT_REQUEUE
 from megatrain.jobs.exit_status import EXIT_STATUS_ENV, describe, read_exit_status
-from megatrain.jobs.sweep import in_multirun, overridden_keys
+from megatrain.jobs.sweep import overridden_keys
 
 log = logging.getLogger("megatrain")
 JOB_KEYS = ("run.dir", "run.name", "logger.wandb.group")  # what prepare_sweep_job decides
@@ -55,13 +55,6 @@ _SAFE_VALUE = re.compile(r"^[\w./:@+-]*$")
 
 class SweepJobFailed(RuntimeError):
     """The trainer of a sweep job ended with an error; Hydra marks the job failed."""
-
-
-def in_sweep_job() -> bool:
-    """True inside a job of a multirun, whatever its launcher: the basic launcher runs jobs one
-    after another in the Hydra process, which cannot host a second DeepSpeed run (its process
-    groups stay cached) nor survive a job's ``sys.exit``; so every job gets its own torchrun."""
-    return in_multirun()
 
 
 def _override(key: str, value: Any) -> str:

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("megatrain")
 
 
-def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Train with a composed config; returns the final eval metrics."""
-    config = checked_config(cfg)
+def run_training(cfg: DictConfig, config: Config) -> dict[str, float]:
+    """Train with a composed config ``cfg``, ``config`` its typed form from ``checked_config``
+    (called once, before the run record is written); returns the final eval metrics."""
     from megatrain.distributed import detect_world, init_distributed, shutdown_distributed
     from megatrain.metrics import setup_console_logging
 
