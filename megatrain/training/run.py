@@ -141,16 +141,14 @@ def _log_model(trainer: Trainer) -> None:
     sink = _wandb(trainer)
     if choice is None or sink is None:
         return
-    best = trainer.best.checkpoint if trainer.best else None
-    final = trainer.run_dir / "checkpoints" / f"step_{trainer.progress.step}"
-    source = best if choice == "best" and best else final
-    meta = {"checkpoint": str(source), "step": int(source.name.removeprefix("step_")),
+    source, step = trainer.export_source(best=choice == "best")
+    meta = {"checkpoint": str(source), "step": step,
             "run": trainer.cfg.run.name, "family": trainer.cfg.model.family,
             **({"metric": trainer.best.metric, "value": trainer.best.value}
-               if source == best else {})}
-    aliases = [choice, f"step-{meta['step']}"]
+               if trainer.best and step == trainer.best.step else {})}
+    aliases = [choice, f"step-{step}"]
     export_to = trainer.cfg.trainer.export_to
-    if export_to and (best or final) == source:  # what Trainer._export wrote there
+    if export_to and trainer.export_source()[0] == source:  # what Trainer._export wrote there
         sink.log_model(Path(export_to), aliases, meta)
         return
     from megatrain.hf_export import export

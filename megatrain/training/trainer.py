@@ -331,13 +331,19 @@ class Trainer:
         log.info("step %d: best %s so far (%.4f)", step, self.best.metric, self.best.value)
         return True
 
+    def export_source(self, best: bool = True) -> tuple[Path, int]:
+        """The checkpoint an export takes and its step: the best one (``trainer.keep_best``) when
+        ``best`` and one is recorded, else the last saved."""
+        if best and self.best is not None and self.best.step is not None:
+            return self.run_dir / "checkpoints" / f"step_{self.best.step}", self.best.step
+        return self.run_dir / "checkpoints" / f"step_{self._saved_step}", self._saved_step
+
     def _export(self) -> None:
         """``trainer.export_to``: the best (or final) checkpoint as a Hugging Face folder."""
         out = self.cfg.trainer.export_to
         if not out or not self.world.is_main:
             return
-        source = (self.best.checkpoint if self.best and self.best.checkpoint else
-                  self.run_dir / "checkpoints" / f"step_{self._saved_step}")
+        source, _ = self.export_source()
         export_checkpoint(source, out)
         log.info("exported %s to %s (Hugging Face format)", source, out)
 
