@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import unittest.mock
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatrain.cli.export import main as export_main
@@ -148,26 +146,7 @@ def test_an_fp16_loss_scaler_loads_as_data(tmp_path: Path) -> None:
     assert type(loaded) is type(scaler) and vars(loaded) == vars(scaler)
 
 
-# --- real DeepSpeed checkpoints, written in this process on one rank -------------------------
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory: pytest.TempPathFactory):
-    """A one-rank process group in this process, as DeepSpeed wants one. A file store, not a
-    TCP port: the process tests beside this one take free ports at the same time."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group(get_accelerator().communication_backend_name(), store=store,
-                            rank=0, world_size=1)
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    with unittest.mock.patch.dict(os.environ, env):
-        deepspeed.init_distributed(get_accelerator().communication_backend_name())
-        yield
-        dist.destroy_process_group()
+# --- real DeepSpeed checkpoints, written in this process on one rank (conftest's one_rank) ----
 
 
 def _model() -> nn.Module:

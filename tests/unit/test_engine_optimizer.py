@@ -61,3 +61,42 @@ def test_deepspeed_clips_everywhere_but_fp32_zero0(zero_stage: int, precision: s
     assert clips_itself(zero_stage, precision) is ours
     clip = deepspeed_config(cfg, precision, world_size=1)["gradient_clipping"]
     assert clip == (0.0 if ours else cfg.trainer.grad_clip)
+
+
+def test_the_engine_of_fp32_zero0_clips_in_our_optimizer(one_rank: None) -> None:
+    """initialize_engine with a default Config (fp32, ZeRO 0, one rank) hands the clip to
+    SkippableAdamW and turns off DeepSpeed's all-reduce; one engine.backward + engine.step
+    equals torch's clip_grad_norm_ + AdamW (the engine's groups and learning rates) on a copy."""
+    import copy
+
+    from megatrain.training.engine import initialize_engine
+
+    cfg = Config()
+    assert (cfg.deepspeed.zero_stage, cfg.trainer.grad_clip) == (0, 1.0)
+    model = _model(0)
+    for p in model.parameters():
+        p.grad = None  # gradients from the backward only
+    reference, start = copy.deepcopy(model), copy.deepcopy(model)
+    engine, optimizer = initialize_engine(model, cfg, "fp32", 1, torch.device("cpu"))
+    assert optimizer.clip_norm == cfg.trainer.grad_clip
+    assert engine.enable_backward_allreduce is False
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    engine.backward(engine(x).square().sum() * 100.0)  # a gradient norm far above the clip
+    own = dict(reference.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [own[names[id(p)]] for p in g["params"]]}
+              for g in optimizer.param_groups]  # the learning rates of this step
+    reference(x).square().sum().mul(100.0).backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.trainer.grad_clip)
+    assert norm > 10 * cfg.trainer.grad_clip
+    adamw = torch.optim.AdamW(groups, fused=True)
+    adamw.step()
+    engine.step()
+    for name, ref in reference.named_parameters():
+        ours = model.get_parameter(name)
+        assert not torch.equal(ref, start.get_parameter(name)), name  # a real update
+        assert torch.equal(ours, ref), name
+        # Adam's first step hardly depends on the gradient's scale; its moments show the clip
+        assert torch.equal(optimizer.state[ours]["exp_avg"], adamw.state[ref]["exp_avg"]), name
