@@ -49,7 +49,12 @@ def check_chunked_loss(setting: str) -> str:
 def loss_chunk(setting: str, vocab_size: int, tokens: int) -> int:
     """Rows of logits per chunk of the loss for micro-batches of ``tokens`` output tokens over
     ``vocab_size`` classes; 0: the whole logits (``off``, or ``auto`` below AUTO_MIN_LOGITS)."""
-    check_chunked_loss(setting)
+    return _chunk_rows(check_chunked_loss(setting), vocab_size, tokens)
+
+
+def _chunk_rows(setting: str, vocab_size: int, tokens: int) -> int:
+    """:func:`loss_chunk` of a ``setting`` already checked (per micro-batch: the trainer checks
+    ``trainer.chunked_loss`` once, at start-up)."""
     if setting == "off" or (setting == "auto" and vocab_size * tokens < AUTO_MIN_LOGITS):
         return 0
     return max(1, min(tokens, CHUNK_LOGITS // vocab_size))
@@ -59,12 +64,13 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device, chunked_loss: s
                  vocab_size: int = 0) -> dict[str, Tensor | int]:
     """The batch's model inputs (every key but the targets), on ``device``. Where
     ``chunked_loss`` (auto|on|off) chunks this batch's token loss (:func:`loss_chunk`), also its
-    token labels and the chunk size: the model then returns the loss summed, not the logits."""
+    token labels and the chunk size: the model then returns the loss summed, not the logits.
+    ``chunked_loss`` is not checked here (:func:`check_chunked_loss`, once at start-up)."""
     inputs: dict[str, Tensor | int] = {k: v.to(device, non_blocking=True)
                                        for k, v in batch.items() if k not in LABEL_KEYS}
     labels = batch.get("labels")
     if chunked_loss != "off" and labels is not None and labels.dim() == 2:  # token labels
-        chunk = loss_chunk(chunked_loss, vocab_size, labels.numel())
+        chunk = _chunk_rows(chunked_loss, vocab_size, labels.numel())
         if chunk:
             inputs |= {"labels": labels.to(device, non_blocking=True), "loss_chunk": chunk}
     return inputs
@@ -72,9 +78,12 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device, chunked_loss: s
 
 def _ce(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
     """Cross-entropy in fp32 over every position with a label (tokens or rows); ``logits`` may
-    be that sum already (a 0-dim tensor: the model's chunked loss)."""
+    be that sum already (a 0-dim tensor: the model's chunked loss), whose mean needs only the
+    count of ``labels`` where they are (a host batch's: a 0-dim CPU tensor, used as a scalar
+    without a copy to the device)."""
     if logits.dim() == 0:
         return logits if reduction == "sum" else logits / _labelled(labels)
+    labels = labels.to(logits.device, non_blocking=True)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE, reduction=reduction)
 
@@ -83,7 +92,7 @@ def training_loss(outputs: Outputs, batch: dict[str, Tensor],
                   reduction: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
     """The loss to back-propagate (mean over labelled positions, or their sum) and its detached
     parts worth logging separately (MLM + NSP: ``mlm_loss``, ``nsp_loss``)."""
-    labels = batch["labels"].to(_device(outputs), non_blocking=True)
+    labels = batch["labels"]  # to the device in _ce, where the logits need them
     if isinstance(outputs, tuple):
         mlm_logits, nsp_logits = outputs
         nsp_labels = batch["nsp_labels"].to(nsp_logits.device, non_blocking=True)
@@ -96,6 +105,8 @@ def eval_sums(outputs: Outputs, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sums over one eval batch that add up across batches and ranks: ``loss`` and ``count``
     (labelled positions), and ``correct`` predictions for classification and NSP."""
     device = _device(outputs)
+    if not isinstance(outputs, tuple) and outputs.dim() == 0:  # the model's chunked loss
+        return {"loss": outputs, "count": _labelled(batch["labels"]).to(device)}
     labels = batch["labels"].to(device)
     if isinstance(outputs, tuple):
         mlm_logits, nsp_logits = outputs
