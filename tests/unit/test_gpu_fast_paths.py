@@ -112,7 +112,9 @@ def test_cudnn_is_a_model_attn_impl() -> None:
     assert cfg.attn_impl == "cudnn"
 
 
-def test_cudnn_backend_on_cpu_is_exact() -> None:
+def test_cudnn_name_runs_sdpa_on_cpu() -> None:
+    """On a CPU ``attn_impl=cudnn`` is plain SDPA (no cuDNN kernel runs): the name maps to an
+    attention that matches eager's. The cuDNN kernel itself: tests/gpu."""
     q, k, v = (torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(i))
                for i in range(3))
     out = make_attention_fn("cudnn")(q, k, v, True, 0.0)
