@@ -139,9 +139,11 @@ def schedule_length(steps: int) -> int:
     return steps if steps >= 2000 or steps > 2 * RECIPE["warmup"] else 2000
 
 
-def stream_batches(data: Path, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(data: Path, seed: int,
+                   shuffle_rows: int = 1) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """megatrain's own training batches (shuffled documents, each followed by EOS, packed;
-    a micro-batch is B consecutive rows of the packed stream), in this process."""
+    a micro-batch is B consecutive rows of the packed stream, or rows shuffled among
+    ``shuffle_rows`` micro-batches: ``data.shuffle_rows``), in this process."""
     from megatrain.data.manifest import Manifest
     from megatrain.data.stream.objectives import build_objective
     from megatrain.data.stream.train_stream import build_train_stream
@@ -152,7 +154,7 @@ def stream_batches(data: Path, seed: int) -> Callable[[], tuple[torch.Tensor, to
     objective = build_objective("clm", r["seq_len"], load_tokenizer(manifest.tokenizer_path))
     stream = iter(build_train_stream(manifest, seq_len=r["seq_len"], micro_batch_size=r["batch"],
                                      seed=seed, rank=0, world_size=1, num_workers=0,
-                                     objective=objective))
+                                     objective=objective, shuffle_rows=shuffle_rows))
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(stream)
@@ -163,7 +165,7 @@ def stream_batches(data: Path, seed: int) -> Callable[[], tuple[torch.Tensor, to
 
 def plain_loop(data: Path, steps: int, log_every: int, seed: int = 1337, bias: bool = True,
                model: torch.nn.Module | None = None, order: str = "random",
-               compact: bool = False) -> dict[str, Any]:
+               compact: bool = False, shuffle_rows: int = 1) -> dict[str, Any]:
     """nanoGPT's training loop on megatrain's model; per-step wall and CPU times. ``order``:
     nanoGPT's random windows, or megatrain's packed ``stream``; ``compact``: the text's own
     characters as the vocabulary instead of the char tokenizer's (bytes and specials too)."""
@@ -181,7 +183,7 @@ def plain_loop(data: Path, steps: int, log_every: int, seed: int = 1337, bias: b
                             betas=r["betas"])
     gen = torch.Generator().manual_seed(seed)
     if order == "stream":
-        next_batch = stream_batches(data, seed)
+        next_batch = stream_batches(data, seed, shuffle_rows)
     else:
         def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
             return random_windows(train, r["batch"], r["seq_len"], gen)
@@ -463,18 +465,20 @@ def quality(args: argparse.Namespace) -> None:
     if not args.megatrain_only:
         start = time.perf_counter()
         p = plain_loop(args.data, args.steps, args.log_every, seed=args.seed,
-                       bias=not args.no_bias, order=args.order, compact=args.compact_vocab)
+                       bias=not args.no_bias, order=args.order, compact=args.compact_vocab,
+                       shuffle_rows=args.shuffle_rows)
         out["plain"] = {"val_loss": val_loss(p["model"], args.data, compact=args.compact_vocab),
                         "seed": args.seed, "compact_vocab": args.compact_vocab,
                         "wall_s": time.perf_counter() - start, "bias": not args.no_bias,
-                        "order": args.order}
+                        "order": args.order, "shuffle_rows": args.shuffle_rows}
     if args.plain_only:
         print(json.dumps(out, indent=1, default=float))
         return
     start = time.perf_counter()
-    m = megatrain_run(args.data, args.steps, args.log_every, args.override)
+    overrides = [*args.override, f"data.shuffle_rows={args.shuffle_rows}"]
+    m = megatrain_run(args.data, args.steps, args.log_every, overrides)
     out["megatrain"] = {"val_loss": val_loss(m["model"], args.data),
-                        "wall_s": time.perf_counter() - start, "overrides": args.override}
+                        "wall_s": time.perf_counter() - start, "overrides": overrides}
     print(json.dumps(out, indent=1, default=float))
 
 
@@ -507,6 +511,9 @@ def main() -> None:
                            help="the plain loop's batches: nanoGPT's random windows or "
                            "megatrain's packed stream")
             p.add_argument("--plain-only", action="store_true")
+            p.add_argument("--shuffle-rows", type=int, default=1, metavar="K",
+                           help="data.shuffle_rows for the Trainer and for --order stream: "
+                           "rows shuffled among K micro-batches (1: adjacent)")
             p.add_argument("--compact-vocab", action="store_true",
                            help="plain loop: the text's characters only (nanoGPT's 65)")
     args = parser.parse_args()

@@ -72,6 +72,11 @@ class DataConfig:
     # epochs: null}, ...]; all prepared with one tokenizer; data.eval defaults to the first's.
     mixture: Optional[list[Any]] = None
     pack_whole_docs: bool = False  # never split a document that fits in a row: pad instead
+    # The rows of this many consecutive micro-batches (per reader) are shuffled among them, so one
+    # micro-batch's rows come from far-apart places; 1 = off (rows adjacent). Exact resume on the
+    # same layout; on another world size or worker count a reader saved inside a block reads it
+    # again from its start (up to shuffle_rows - 1 micro-batches' rows repeated, none lost).
+    shuffle_rows: int = ranged(1, ge=1)
     max_skip_fraction: float = ranged(0.01, ge=0, le=1)  # unreadable samples a rank may skip per epoch (share)
     trace: bool = False  # <run.dir>/data_trace/rank<R>.jsonl: the document keys of each step
     retries: int = ranged(5, ge=0)  # a URL read that fails is retried this often (after 1, 2, 4 … s)

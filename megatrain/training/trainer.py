@@ -117,7 +117,7 @@ class Trainer:
             shuffle=cfg.data.shuffle, pin_memory=device.type == "cuda", objective=self.objective,
             sources=self.sources, pack_whole_docs=cfg.data.pack_whole_docs,
             max_skip_fraction=cfg.data.max_skip_fraction, io=shard_io(cfg.data),
-            epochs=cfg.trainer.epochs)
+            epochs=cfg.trainer.epochs, shuffle_rows=cfg.data.shuffle_rows)
         self.progress = Progress()
         self.data_ended = False  # trainer.epochs: the data ended on every rank
         self.signals = signals or StopSignals()

@@ -1,7 +1,9 @@
 """Tiny synthetic prepared corpora for stream tests: real tar shards and a real manifest.
 
 Document ``k`` of a corpus holds tokens ``base + k`` repeated (so any token tells which document
-it came from) and is keyed ``<prefix>-<k>``; EOS is 2, pad 3.
+it came from) and is keyed ``<prefix>-<k>``; EOS is 2, pad 3. With ``distinct`` every token of
+the corpus is its own id instead (``base`` on, document after document): a row of tokens tells
+where in the corpus it came from.
 """
 
 from __future__ import annotations
@@ -39,14 +41,17 @@ def doc_tokens(k: int, length: int, base: int = 10) -> np.ndarray:
 
 
 def make_corpus(root: Path, lengths: Sequence[int], *, shards: int = 4, prefix: str = "d",
-                base: int = 10, vocab: int = 4096) -> Manifest:
+                base: int = 10, vocab: int = 4096, distinct: bool = False) -> Manifest:
     """A prepared corpus of ``len(lengths)`` documents over ``shards`` train shards."""
     root.mkdir(parents=True, exist_ok=True)
+    starts = base + np.concatenate([[0], np.cumsum(lengths)])
     (root / "tokenizer.model").write_bytes(b"fake")
     infos = []
     for s, part in enumerate(np.array_split(np.arange(len(lengths)), shards)):
         path = root / f"train-{s:06d}.tar"
-        write_tar(path, [(f"{prefix}-{k}", npy(doc_tokens(k, lengths[k], base))) for k in part])
+        write_tar(path, [(f"{prefix}-{k}", npy(
+            np.arange(starts[k], starts[k + 1], dtype=np.uint16) if distinct
+            else doc_tokens(k, lengths[k], base))) for k in part])
         infos.append(ShardInfo(path.name, str(path), len(part), int(sum(lengths[k] for k in part)),
                                sha256_file(path), path.stat().st_size))
     manifest = Manifest(root, "synthetic", 0, {"file": "tokenizer.model", "sha256": "fake",

@@ -36,6 +36,7 @@ naming the shards. Keys of the documents each batch consumed travel with it (``p
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import signal
 from collections import Counter
@@ -53,10 +54,12 @@ from megatrain.data.stream.mixture import Source
 from megatrain.data.stream.objectives import CausalLM, Objective, padded_batch
 from megatrain.data.stream.order import DocProducer, SkipEvent, SkipGuard, fresh_reader_state
 from megatrain.data.stream.packing import Packer, RowPacker, Window
+from megatrain.data.stream.row_shuffle import BLOCK, SKIP, RowShuffler
 from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO
 from megatrain.data.stream.tasks import SamplePacker, TaskObjective, TaskWindow
 from megatrain.errors import ConfigError, DataError
 
+log = logging.getLogger("megatrain")
 STATE_VERSION = 2
 LAYOUT = ("rank", "world_size", "num_workers")
 BatchInfo = tuple[list[str], list[int], list[int], list[SkipEvent], int]
@@ -88,6 +91,7 @@ class StreamConfig:
     max_skip_fraction: float = 1.0
     io: ShardIO = DEFAULT_IO
     epochs: int | None = None  # every source's epochs (already in ``sources``); None: infinite
+    shuffle_rows: int = 1  # rows shuffled among this many windows per reader (row_shuffle.py)
 
     @property
     def readers_per_rank(self) -> int:
@@ -111,19 +115,24 @@ class StreamConfig:
         return {k: getattr(self, k) for k in LAYOUT}
 
 
-AnyPacker = Packer | RowPacker | SamplePacker
+AnyPacker = Packer | RowPacker | SamplePacker | RowShuffler
 
 
 def make_packer(cfg: StreamConfig, state: dict[str, Any], reader: int,
                 num_readers: int) -> AnyPacker:
-    """Reader ``reader``'s packer, positioned at ``state``."""
+    """Reader ``reader``'s packer, positioned at ``state`` (a row-shuffle block's start and
+    the windows of it already emitted, with ``data.shuffle_rows``)."""
     obj = cfg.objective
     producer = DocProducer(cfg.sources, state, seed=cfg.seed, shuffle=cfg.shuffle,
                            reader=reader, num_readers=num_readers, io=cfg.io,
                            guard=SkipGuard(cfg.skip_budget, cfg.max_skip_fraction),
                            needs=obj.needs if isinstance(obj, TaskObjective) else ())
-    return packer_for(producer, obj, cfg.micro_batch_size, cfg.eos_id,
-                      pad_id=cfg.pad_id if cfg.pack_whole_docs else None)
+    packer = packer_for(producer, obj, cfg.micro_batch_size, cfg.eos_id,
+                        pad_id=cfg.pad_id if cfg.pack_whole_docs else None)
+    if cfg.shuffle_rows == 1:
+        return packer
+    return RowShuffler(packer, block=cfg.shuffle_rows, seed=cfg.seed,
+                       skip=int(state.get(SKIP, 0)))
 
 
 def packer_for(producer: DocProducer, objective: Objective, rows: int, eos_id: int, *,
@@ -339,9 +348,33 @@ class TrainStream:
             self._check(s)
         own = [s for s in states if {k: s[k] for k in LAYOUT} == self.config.layout()]
         if own:
-            self._restore(own[0], own[0]["readers"], int(own[0]["consumed"]))
+            self._restore(own[0], self._block_starts(own[0]["readers"], same_layout=True),
+                          int(own[0]["consumed"]))
         else:
             self._reshard(states)
+
+    def _block_starts(self, readers: list[dict[str, Any]], *,
+                      same_layout: bool) -> list[dict[str, Any]]:
+        """``readers`` as they resume: a reader saved inside a ``data.shuffle_rows`` block keeps
+        its windows-done count on the same layout and block size; otherwise it reads the block
+        again from its start (positions only: nothing lost, at most block - 1 micro-batches'
+        rows repeated per reader), and one warning says so."""
+        block = self.config.shuffle_rows
+        out, repeats = [], []
+        for reader in readers:
+            skip = int(reader.get(SKIP, 0))
+            if skip and not (same_layout and int(reader.get(BLOCK, 0)) == block > 1):
+                repeats.append(skip)
+                reader = {k: v for k, v in reader.items() if k not in (SKIP, BLOCK)}
+            out.append(reader)
+        if repeats:
+            log.warning(
+                "data.shuffle_rows: %d data reader(s) were saved inside a row-shuffle block, "
+                "which %s cannot continue; they read the block again from its start, repeating "
+                "up to %d micro-batches' rows each (no data is lost)", len(repeats),
+                "another data.shuffle_rows" if same_layout else
+                "another layout (world size or data workers)", max(repeats))
+        return out
 
     def _check(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -373,7 +406,8 @@ class TrainStream:
                 f"{self.config.num_workers} needs the saved state of every rank of the old run "
                 f"(world_size={old_world}); got ranks {[s['rank'] for s in states]}")
         cfg = self.config
-        readers = merge_readers([r for s in states for r in s["readers"]],
+        old = self._block_starts([r for s in states for r in s["readers"]], same_layout=False)
+        readers = merge_readers(old,
                                 samples=[s.samples for s in cfg.sources],
                                 new_readers=cfg.num_readers,
                                 epochs=[s.epochs for s in cfg.sources])
@@ -405,17 +439,20 @@ def build_train_stream(
     max_skip_fraction: float = 1.0,
     io: ShardIO = DEFAULT_IO,
     epochs: int | None = None,
+    shuffle_rows: int = 1,
 ) -> TrainStream:
     """The training stream of ``rank`` over ``manifest``'s ``split`` shards, or over a mixture
     of ``sources`` (prepared with ``manifest``'s tokenizer); ``objective`` defaults to causal LM
     over ``seq_len``; ``io`` says how shards at URLs are fetched; ``epochs``: read every source
-    that many times, then end (None: forever)."""
+    that many times, then end (None: forever); ``shuffle_rows``: the rows of this many
+    consecutive micro-batches of a reader are shuffled among them (1: off)."""
     _check_stream_args(seq_len, micro_batch_size, seed, rank, world_size, num_workers)
     if not 0 <= max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
     objective = objective or CausalLM(seq_len, manifest.eos_id)
     if pack_whole_docs and objective.name not in ("clm", "mlm"):
         raise ConfigError(f"data.pack_whole_docs supports clm and mlm, not {objective.name}")
+    _check_shuffle_rows(shuffle_rows, objective)
     check_task_format(manifest, objective)
     sources = tuple(sources or (Source(manifest.name, tuple(manifest.shards(split))),))
     corpus = corpus_fingerprint(sources)  # before the run's epochs: a run may add epochs later
@@ -426,7 +463,7 @@ def build_train_stream(
         rank=rank, world_size=world_size, num_workers=num_workers, shuffle=shuffle,
         objective=objective, pack_whole_docs=pack_whole_docs,
         pad_id=int(manifest.tokenizer.get("pad_id", -1)), max_skip_fraction=max_skip_fraction,
-        io=io, epochs=epochs,
+        io=io, epochs=epochs, shuffle_rows=shuffle_rows,
     )
     for source in sources:
         if source.samples < config.num_readers:
@@ -434,6 +471,16 @@ def build_train_stream(
                 f"split {split!r} of {source.name} has {source.samples} samples, fewer than its "
                 f"{config.num_readers} readers (world_size × num_workers); use fewer data workers")
     return TrainStream(config, pin_memory=pin_memory)
+
+
+def _check_shuffle_rows(shuffle_rows: int, objective: Objective) -> None:
+    """ConfigError for a block below 1, or a shuffle of task rows (whole samples, each row
+    already from its own place in the shuffled order)."""
+    if shuffle_rows < 1:
+        raise ConfigError(f"data.shuffle_rows must be >= 1, got {shuffle_rows}")
+    if shuffle_rows > 1 and isinstance(objective, TaskObjective):
+        raise ConfigError(f"data.shuffle_rows applies to packed pretraining objectives, not "
+                          f"{objective.name} (its rows are whole samples already)")
 
 
 def with_epochs(sources: Sequence[Source], epochs: int | None) -> tuple[Source, ...]:
