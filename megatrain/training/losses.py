@@ -60,6 +60,9 @@ def _chunk_rows(setting: str, vocab_size: int, tokens: int) -> int:
     return max(1, min(tokens, CHUNK_LOGITS // vocab_size))
 
 
+BPB_OBJECTIVE = "clm"  # the objective whose eval also reports bits per byte (text predicted as written)
+
+
 def model_inputs(batch: dict[str, Tensor], device: torch.device, chunked_loss: str = "off",
                  vocab_size: int = 0) -> dict[str, Tensor | int]:
     """The batch's model inputs (every key but the targets), on ``device``. Where
@@ -121,9 +124,16 @@ def eval_sums(outputs: Outputs, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return sums
 
 
+def label_bytes(labels: Tensor, byte_lengths: Tensor) -> Tensor:
+    """The UTF-8 bytes the labelled tokens spell (``byte_lengths``: ``Tokenizer.byte_lengths``),
+    summed: the denominator of bits per byte."""
+    return byte_lengths[labels[labels != IGNORE]].sum().float()
+
+
 def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
     """The eval metrics of summed :func:`eval_sums`: ``eval_loss`` (the training loss's
-    definition), ``eval_ppl`` for token objectives, accuracies, NSP's parts."""
+    definition), ``eval_ppl`` for token objectives, accuracies, NSP's parts; ``eval_bpb`` (bits
+    per byte: comparable across tokenizers) where the sums hold the labels' ``bytes``."""
     loss = sums["loss"] / sums["count"]
     if "nsp_loss" in sums:
         nsp = sums["nsp_loss"] / max(1.0, sums["nsp_count"])
@@ -131,7 +141,8 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
                 "eval_nsp_accuracy": sums["nsp_correct"] / max(1.0, sums["nsp_count"])}
     if "correct" in sums:
         return {"eval_loss": loss, "eval_accuracy": sums["correct"] / sums["count"]}
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+    bpb = {"eval_bpb": sums["loss"] / math.log(2) / sums["bytes"]} if sums.get("bytes") else {}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), **bpb}
 
 
 def eval_metric_names(objective: str, nsp: bool) -> list[str]:
@@ -141,7 +152,7 @@ def eval_metric_names(objective: str, nsp: bool) -> list[str]:
         return ["eval_loss", "eval_mlm_loss", "eval_nsp_loss", "eval_nsp_accuracy"]
     if objective == "cls":
         return ["eval_loss", "eval_accuracy"]
-    return ["eval_loss", "eval_ppl"]
+    return ["eval_loss", "eval_ppl", *(["eval_bpb"] if objective == BPB_OBJECTIVE else [])]
 
 
 def _labelled(labels: Tensor) -> Tensor:

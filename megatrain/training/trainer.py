@@ -47,10 +47,12 @@ from megatrain.training.engine import clips_itself, initialize_engine, resolve_p
 from megatrain.training.epochs import EpochPlan, FiniteBatches
 from megatrain.training.fault_injection import FaultInjection
 from megatrain.training.losses import (
+    BPB_OBJECTIVE,
     check_chunked_loss,
     eval_metric_names,
     eval_metrics,
     eval_sums,
+    label_bytes,
     model_inputs,
     training_loss,
 )
@@ -99,6 +101,8 @@ class Trainer:
         self._chunked_loss = (check_chunked_loss(cfg.trainer.chunked_loss),
                               self.model_cfg.vocab_size)
         self.objective = self._build_objective()
+        self._byte_lengths = torch.from_numpy(self.tokenizer.byte_lengths()) \
+            if self.task == BPB_OBJECTIVE else None  # eval_bpb's bytes per token
         self.epoch_plan = self._epoch_plan()  # before the engine: it sets the schedule's length
         self.resume_layout = "same" if self.resume_from is None else ckpt.resume_layout(
             self.resume_from, world.world_size, cfg.deepspeed.zero_stage)
@@ -505,7 +509,11 @@ class Trainer:
                 world_size=self.world.world_size, max_batches=self.cfg.trainer.eval_steps,
                 objective=self.objective, io=self.stream.config.io):
             inputs = model_inputs(batch, self.device, *self._chunked_loss)
-            for name, value in eval_sums(self.engine(**inputs), batch).items():
+            batch_sums = eval_sums(self.engine(**inputs), batch)
+            if self._byte_lengths is not None:
+                batch_sums["bytes"] = label_bytes(batch["labels"], self._byte_lengths).to(
+                    self.device)
+            for name, value in batch_sums.items():
                 sums[name] = sums[name] + value if name in sums else value
         self.engine.train()
         names = sorted(set(sums) | {"loss", "count"})  # a rank without eval data still joins

@@ -53,9 +53,11 @@ def test_quickstart_learns_well_below_the_unigram_entropy(tmp_path: Path, cache:
                          f"trainer.eval_every={QUICKSTART_STEPS}")
     manifest = json.loads(next(cache.glob("stdlib-v4096*/manifest.json")).read_text())
     entropy = manifest["stats"]["unigram_entropy"]
-    final_eval = [row["eval_loss"] for row in metrics(run_dir) if "eval_loss" in row][-1]
+    final = [row for row in metrics(run_dir) if "eval_loss" in row][-1]
+    final_eval = final["eval_loss"]
     assert final_eval < entropy - 0.6, (final_eval, entropy)
     assert abs(final_eval - QUICKSTART_EVAL) < TOLERANCE, final_eval
+    assert f"bpb {final['eval_bpb']:.4f}" in result.stderr  # in the last log line
 
     assert "----- sample" in result.stdout
     sample = result.stdout.split("-----\n", 1)[1]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatrain.data.prepare.sources import iter_documents
 from megatrain.data.prepare.train_tokenizer import train_tokenizer
+from megatrain.data.stream.targets import IGNORE
 from megatrain.data.tokenizer import Tokenizer, load_tokenizer
 from megatrain.errors import ConfigError, DataError
+from megatrain.training.losses import eval_metric_names, eval_metrics, label_bytes
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CODE = (
@@ -66,6 +70,16 @@ def test_any_text_round_trips(code_tokenizer: Tokenizer, text: str) -> None:
     assert code_tokenizer.decode(code_tokenizer.encode(text)) == text
 
 
+def spelled_bytes(tok: Tokenizer, text: str) -> int:
+    """The bytes ``byte_lengths`` counts for ``text``'s tokens (plus an EOS: none)."""
+    return int(tok.byte_lengths()[[*tok.encode(text), tok.eos_id]].sum())
+
+
+@pytest.mark.parametrize("text", [CODE, "naïve café — 東京 🐍\n", "\t\x00\x7f  x"])
+def test_byte_lengths_add_up_to_the_texts_bytes(code_tokenizer: Tokenizer, text: str) -> None:
+    assert spelled_bytes(code_tokenizer, text) == len(text.encode())
+
+
 def test_special_ids_and_no_implicit_bos_eos(code_tokenizer: Tokenizer) -> None:
     tok = code_tokenizer
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
@@ -73,6 +87,24 @@ def test_special_ids_and_no_implicit_bos_eos(code_tokenizer: Tokenizer) -> None:
     ids = tok.encode("x = 1\n")
     assert ids and not {tok.bos_id, tok.eos_id, tok.pad_id} & set(ids)
     assert tok.encode_batch(["a\n", "b  c"]) == [tok.encode("a\n"), tok.encode("b  c")]
+
+
+def test_eval_bpb_is_the_labelled_nats_over_the_bytes_they_spell(
+    code_tokenizer: Tokenizer
+) -> None:
+    """The trainer's eval_bpb: label -100 (here a masked prefix) spells nothing."""
+    prefix, text = code_tokenizer.encode("import os\n"), code_tokenizer.encode(CODE)
+    labels = torch.tensor([[IGNORE] * len(prefix) + text + [code_tokenizer.eos_id]])
+    table = torch.from_numpy(code_tokenizer.byte_lengths())
+    nats = 123.0
+    sums = {"loss": nats, "count": float(len(text) + 1),
+            "bytes": float(label_bytes(labels, table))}
+    assert sums["bytes"] == len(CODE.encode())
+    metrics = eval_metrics(sums)
+    assert metrics["eval_bpb"] == pytest.approx(nats / math.log(2) / len(CODE.encode()))
+    assert "eval_bpb" not in eval_metrics({"loss": nats, "count": 5.0})  # no bytes: not text
+    assert "eval_bpb" in eval_metric_names("clm", False)
+    assert "eval_bpb" not in eval_metric_names("mlm", False)
 
 
 def test_load_missing_or_invalid_model_raises_data_error(tmp_path: Path) -> None:
@@ -158,6 +190,7 @@ def test_tokenizer_json_loads_through_the_same_interface(
     assert hf.encode_batch([text, CODE]) == code_tokenizer.encode_batch([text, CODE])
     assert hf.decode(hf.encode(CODE)) == CODE
     assert hf.decode([hf.mask_id, *hf.sentinel_ids[:2]]) == ""
+    assert (hf.byte_lengths() == code_tokenizer.byte_lengths()).all()
 
 
 def test_a_byte_level_tokenizer_json_under_any_name(tmp_path: Path) -> None:
@@ -177,6 +210,7 @@ def test_a_byte_level_tokenizer_json_under_any_name(tmp_path: Path) -> None:
     assert tok.sentinel_ids == [] and tok.vocab_size == bpe.get_vocab_size()
     for text in (CODE, "naïve café — 東京 🐍"):
         assert tok.decode(tok.encode(text)) == text
+        assert spelled_bytes(tok, text) == len(text.encode())
 
 
 def test_a_folder_or_a_bad_tokenizer_json(tmp_path: Path, code_tokenizer: Tokenizer) -> None:

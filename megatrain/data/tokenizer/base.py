@@ -61,6 +61,11 @@ class Tokenizer(ABC):
         """(vocab_size,) uint8 ``WORD_START`` / ``WORD_END`` flags of every id, for whole-word
         masking (see :func:`piece_word_flags`)."""
 
+    @abstractmethod
+    def byte_lengths(self) -> np.ndarray:
+        """(vocab_size,) int64: the UTF-8 bytes of text each id stands for (special tokens 0), so
+        summed nats over summed bytes is bits per byte, comparable across tokenizers."""
+
     def companion_files(self) -> list[Path]:
         """Files beside ``path`` that belong to the tokenizer and travel with it."""
         return []
@@ -75,6 +80,18 @@ class Tokenizer(ABC):
             if not (dest.exists() and dest.samefile(source)):
                 shutil.copyfile(source, dest)
         return target
+
+
+def is_byte_piece(piece: str) -> bool:
+    """Whether ``piece`` is a byte-fallback piece ``<0xNN>`` (one byte of text)."""
+    return _BYTE_PIECE.fullmatch(piece) is not None
+
+
+def spaced_piece_bytes(piece: str, space: str = "▁", byte_fallback: bool = False) -> int:
+    """The UTF-8 bytes of text a piece whose ``space`` characters stand for spaces spells."""
+    if byte_fallback and is_byte_piece(piece):
+        return 1
+    return len(piece.replace(space, " ").encode())
 
 
 def piece_word_flags(piece: str, space: str = "▁", byte_fallback: bool = False) -> int:

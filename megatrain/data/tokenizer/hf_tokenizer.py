@@ -11,13 +11,20 @@ tokens and ``decode`` skips them, as SentencePiece's control tokens do.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from megatrain.data.tokenizer.base import WORD_ALONE, WORD_START, Tokenizer, piece_word_flags
+from megatrain.data.tokenizer.base import (
+    WORD_ALONE,
+    WORD_START,
+    Tokenizer,
+    piece_word_flags,
+    spaced_piece_bytes,
+)
 from megatrain.errors import ConfigError, DataError
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -87,32 +94,72 @@ class HFTokenizer(Tokenizer):
         byte-level model (GPT-2's ``Ġ``) a piece is read as the bytes it stands for; otherwise
         the Metaspace ``▁`` marks spaces and byte-fallback pieces ``<0xNN>`` are bytes. Special
         added tokens, and ids the vocabulary skips, stand alone."""
-        spec = json.loads(self._hf.to_str())
-        model = spec.get("model") or {}
-        pipeline = [spec.get("pre_tokenizer"), spec.get("decoder")]
-        if model.get("type") == "WordPiece":
-            prefix = model.get("continuing_subword_prefix") or "##"
-            flags = lambda piece: 0 if piece.startswith(prefix) else WORD_START
-        elif _find_type(pipeline, "ByteLevel") is not None:
+        kind = self._piece_kind()
+        if kind.prefix is not None:
+            flags = lambda piece: 0 if piece.startswith(kind.prefix) else WORD_START
+        elif kind.byte_level:
             from tokenizers.decoders import ByteLevel  # the text a piece's bytes stand for
 
             byte_level = ByteLevel()
             flags = lambda piece: piece_word_flags(byte_level.decode([piece]))
+        elif kind.space is None:
+            raise ConfigError(f"data.whole_word_masking: {self.path}'s pieces do not mark word "
+                              "boundaries (no WordPiece '##', byte-level 'Ġ' or SentencePiece "
+                              "'▁'); use token-level masking with this tokenizer")
         else:
-            space = _space_marker(spec, pipeline)
-            fallback = bool(model.get("byte_fallback"))
-            if space is None:
-                raise ConfigError(f"data.whole_word_masking: {self.path}'s pieces do not mark word "
-                                  "boundaries (no WordPiece '##', byte-level 'Ġ' or SentencePiece "
-                                  "'▁'); use token-level masking with this tokenizer")
-            flags = lambda piece: piece_word_flags(piece, space, fallback)
-        table = np.full(self.vocab_size, WORD_ALONE, dtype=np.uint8)
+            flags = lambda piece: piece_word_flags(piece, kind.space, kind.byte_fallback)
+        return self._table(flags, WORD_ALONE, np.uint8,
+                           lambda added: piece_word_flags(added["content"]))
+
+    def byte_lengths(self) -> np.ndarray:
+        """Byte-level pieces are one character per byte; WordPiece's leave out the spaces between
+        words (so bits per byte is a little high there); Metaspace's ``▁`` is one space."""
+        kind = self._piece_kind()
+        if kind.prefix is not None:
+            size = lambda piece: len(piece.removeprefix(kind.prefix).encode())
+        elif kind.byte_level:
+            size = len
+        else:
+            size = lambda piece: spaced_piece_bytes(piece, kind.space or " ", kind.byte_fallback)
+        return self._table(size, 0, np.int64, lambda added: len(added["content"].encode()))
+
+    def _table(self, of_piece: Callable[[str], int], special: int, dtype: type,
+               of_added: Callable[[dict[str, Any]], int]) -> np.ndarray:
+        """A per-id table: ``of_piece`` of every vocabulary piece, ``of_added`` of each added
+        token matched in text as written, ``special`` for special ones and ids not in use."""
+        table = np.full(self.vocab_size, special, dtype=dtype)
         for piece, i in self._hf.get_vocab(with_added_tokens=False).items():
-            table[i] = flags(piece)
-        for added in spec.get("added_tokens") or []:  # matched in text as written
-            table[added["id"]] = (WORD_ALONE if added.get("special")
-                                  else piece_word_flags(added["content"]))
+            table[i] = of_piece(piece)
+        for added in self._spec().get("added_tokens") or []:
+            table[added["id"]] = special if added.get("special") else of_added(added)
         return table
+
+    def _spec(self) -> dict[str, Any]:
+        return json.loads(self._hf.to_str())
+
+    def _piece_kind(self) -> PieceKind:
+        """How this model's pieces spell text (see :class:`PieceKind`)."""
+        spec = self._spec()
+        model = spec.get("model") or {}
+        pipeline = [spec.get("pre_tokenizer"), spec.get("decoder")]
+        if model.get("type") == "WordPiece":
+            return PieceKind(prefix=model.get("continuing_subword_prefix") or "##")
+        if _find_type(pipeline, "ByteLevel") is not None:
+            return PieceKind(byte_level=True)
+        return PieceKind(space=_space_marker(spec, pipeline),
+                         byte_fallback=bool(model.get("byte_fallback")))
+
+
+@dataclass(frozen=True)
+class PieceKind:
+    """WordPiece (``prefix`` marks a word's continuation), byte-level (each character one byte),
+    or pieces where ``space`` stands for a space (None: spaces leave no mark) and ``<0xNN>``
+    pieces are bytes when ``byte_fallback``."""
+
+    prefix: str | None = None
+    byte_level: bool = False
+    space: str | None = None
+    byte_fallback: bool = False
 
 
 def _space_marker(spec: dict[str, Any], pipeline: list[Any]) -> str | None:

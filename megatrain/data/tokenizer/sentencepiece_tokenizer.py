@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from megatrain.data.tokenizer.base import WORD_ALONE, Tokenizer, piece_word_flags
+from megatrain.data.tokenizer.base import (
+    WORD_ALONE,
+    Tokenizer,
+    piece_word_flags,
+    spaced_piece_bytes,
+)
 from megatrain.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -73,11 +78,22 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def _special(self, i: int) -> bool:
+        sp = self._sp
+        return sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+
+    def byte_lengths(self) -> np.ndarray:
+        """With identity normalization and no dummy prefix the pieces spell the text exactly."""
+        sp = self._sp
+        return np.array([0 if self._special(i)
+                         else spaced_piece_bytes(sp.id_to_piece(i), byte_fallback=sp.is_byte(i))
+                         for i in range(self.vocab_size)], dtype=np.int64)
+
     def word_table(self) -> np.ndarray:
         """Pieces with a leading ``▁`` start words, whitespace pieces (``▁▁``, ``"\\n"``, the byte
         ``<0x09>``) stand alone, control/unknown ids too; the other byte pieces (UTF-8 lead and
         continuation bytes) continue, so a character is never split."""
         sp = self._sp
-        return np.array([WORD_ALONE if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+        return np.array([WORD_ALONE if self._special(i)
                          else piece_word_flags(sp.id_to_piece(i), byte_fallback=sp.is_byte(i))
                          for i in range(self.vocab_size)], dtype=np.uint8)
