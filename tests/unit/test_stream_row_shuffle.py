@@ -164,3 +164,24 @@ def test_a_resumed_block_does_not_count_its_unreadable_samples_twice(tmp_path) -
         take(resumed, 34 - consumed)
         assert resumed.state_dict()["skipped"] == whole.state_dict()["skipped"], consumed
     assert whole.metrics()["data_skipped"] > 0
+
+
+@pytest.mark.parametrize("new_block", [1, 3])
+def test_another_block_size_reads_the_block_again_from_its_start(
+        corpus: Manifest, caplog: pytest.LogCaptureFixture, new_block: int) -> None:
+    first = stream(corpus, BLOCK)
+    take(first, BLOCK + 2)
+    state = first.state_dict()
+    block_start = {k: v for k, v in state["readers"][0].items() if k not in (SKIP, "block")}
+    expected = stream(corpus, new_block)
+    expected.load_state_dict(state | {"readers": [block_start]})
+    resumed = stream(corpus, new_block)
+    with caplog.at_level(logging.WARNING, logger="megatrain"):
+        resumed.load_state_dict(state)
+    assert "another data.shuffle_rows cannot continue" in caplog.text
+    got = take(resumed, 3)
+    for want, batch in zip(take(expected, 3), got, strict=True):
+        assert torch.equal(want["input_ids"], batch["input_ids"])
+    if new_block == 1:
+        unshuffled = take(stream(corpus, 1), BLOCK + 1)[BLOCK]  # the block's first, in place
+        assert torch.equal(got[0]["input_ids"], unshuffled["input_ids"])

@@ -8,9 +8,10 @@ each epoch (of each source, interleaved by weight in a mixture: ``megatrain.data
 Packing (``megatrain.data.stream.packing``). A reader packs its documents into windows that the
 objective (``megatrain.data.stream.objectives``) turns into tensors; the objective's random draws are
 seeded by where the window starts in the global order, so a resume or another world size draws
-the same masks for the same window. Task objectives (``megatrain.data.stream.tasks``: sft, cls,
-seq2seq) pack whole samples instead; a sample left with nothing to train on is dropped and
-counted (``data_dropped``).
+the same masks for the same window. ``data.shuffle_rows=K`` shuffles the rows of K consecutive
+windows of a reader among them (``megatrain.data.stream.row_shuffle``). Task objectives
+(``megatrain.data.stream.tasks``: sft, cls, seq2seq) pack whole samples instead; a sample left
+with nothing to train on is dropped and counted (``data_dropped``).
 
 Epochs. ``epochs=N`` reads every source for exactly N epochs, then the iterator ends (a reader's
 rows run on from one epoch into the next, so the last micro-batch may have fewer rows, and ranks
@@ -20,7 +21,8 @@ the manifest's counts how many micro-batches each rank yields. Without ``epochs`
 
 State. A reader's state is its remaining work: per source, the pieces of the global order it
 still has to read (the first one possibly a token offset into a half-read document), then whole
-epochs from ``next`` on, plus the tokens it has taken from each source. The stream's state is its
+epochs from ``next`` on, plus the tokens it has taken from each source (inside a row-shuffle
+block: the block's start and its windows already handed out). The stream's state is its
 readers' states and how many batches were consumed (the DataLoader hands batches out
 round-robin from workers 0..W-1; on an exact resume worker 0 plays the reader whose turn it
 is: the one after the reader that served the last batch, readers that have ended being skipped).
