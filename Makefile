@@ -1,5 +1,7 @@
 # Two commands on a fresh machine: `make quickstart` and `make test`. Both set up .venv first,
-# with the dependency versions the suite was last green with (constraints.txt).
+# with the dependency versions the suite was last green with (constraints.txt): torch through
+# pip (it finds the machine's own wheel), the rest through uv (the same versions in seconds
+# instead of minutes; pip if uv cannot be had).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Installed only when the venv has no torch yet, so a CUDA build you bring is kept. On a GPU
@@ -21,7 +23,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) uv && \
+		$(VENV)/bin/uv pip install -q --python $(PY) -c $(CONSTRAINTS) -e ".[dev]" || \
+		$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 quickstart: setup

@@ -516,7 +516,9 @@ class Trainer:
             for name, value in batch_sums.items():
                 sums[name] = sums[name] + value if name in sums else value
         self.engine.train()
-        names = sorted(set(sums) | {"loss", "count"})  # a rank without eval data still joins
+        # a rank without eval data still joins, with the same sums as the others
+        names = sorted(set(sums) | {"loss", "count"}
+                       | ({"bytes"} if self._byte_lengths is not None else set()))
         totals = torch.stack([sums.get(n, torch.zeros((), device=self.device)) for n in names])
         if dist.is_initialized():
             dist.all_reduce(totals)
