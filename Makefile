@@ -42,7 +42,7 @@ test-latest:
 	$(LATEST_PY) -c "import torch" 2>/dev/null || $(LATEST_PY) -m pip install -q "$(TORCH)"
 	$(LATEST_PY) -c "import torch; print('torch==' + torch.__version__)" > $(LATEST_VENV)/keep.txt
 	$(LATEST_PY) -m pip install -q -U --upgrade-strategy eager -c $(LATEST_VENV)/keep.txt \
-		-e ".[dev]"
+		-e ".[dev]" uv  # uv too, so `make lock` pins the one setup uses
 	$(LATEST_PY) -m pip list 2>/dev/null | grep -iE \
 		'^(deepspeed|transformers|tokenizers|hydra-core|webdataset|sentencepiece|wandb) '
 	tools/test_suite.sh $(LATEST_PY) $(PYTEST_ARGS)
