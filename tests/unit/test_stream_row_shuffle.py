@@ -12,7 +12,7 @@ import torch
 
 from megatrain.data.manifest import Manifest
 from megatrain.data.stream.packing import Packer, Window
-from megatrain.data.stream.row_shuffle import SKIP, RowShuffler, shuffle_block
+from megatrain.data.stream.row_shuffle import SKIP, RowShuffler, block_start, shuffle_block
 from megatrain.data.stream.tasks import Seq2Seq
 from megatrain.data.stream.train_stream import TrainStream, build_train_stream, make_packer
 from megatrain.errors import ConfigError
@@ -172,9 +172,8 @@ def test_another_block_size_reads_the_block_again_from_its_start(
     first = stream(corpus, BLOCK)
     take(first, BLOCK + 2)
     state = first.state_dict()
-    block_start = {k: v for k, v in state["readers"][0].items() if k not in (SKIP, "block")}
     expected = stream(corpus, new_block)
-    expected.load_state_dict(state | {"readers": [block_start]})
+    expected.load_state_dict(state | {"readers": [block_start(state["readers"][0])]})
     resumed = stream(corpus, new_block)
     with caplog.at_level(logging.WARNING, logger="megatrain"):
         resumed.load_state_dict(state)
@@ -185,3 +184,26 @@ def test_another_block_size_reads_the_block_again_from_its_start(
     if new_block == 1:
         unshuffled = take(stream(corpus, 1), BLOCK + 1)[BLOCK]  # the block's first, in place
         assert torch.equal(got[0]["input_ids"], unshuffled["input_ids"])
+
+
+def test_more_epochs_inside_the_last_partial_block_lose_no_row(
+        corpus: Manifest, caplog: pytest.LogCaptureFixture) -> None:
+    block = 5  # the epoch's 244 batches end with a partial block of 4
+    one_epoch = list(stream(corpus, block, epochs=1))
+    assert len(one_epoch) % block > 2
+    consumed = len(one_epoch) - 2  # inside the last block
+    first = stream(corpus, block, epochs=1)
+    before = take(first, consumed)
+    state = first.state_dict()
+    assert state["readers"][0][SKIP] > 0
+    resumed = stream(corpus, block, epochs=2)  # the data now runs on past the old block's end
+    with caplog.at_level(logging.WARNING, logger="megatrain"):
+        resumed.load_state_dict(state)
+        after = list(resumed)
+    assert "reads the block again from its start" in caplog.text
+    seen = Counter(r for b in before + after for r in rows_of(b))
+    two_epochs = Counter(r for b in stream(corpus, 1, epochs=2) for r in rows_of(b))
+    assert not two_epochs - seen  # no row lost
+    repeated = seen - two_epochs
+    last_block = len(one_epoch) - len(one_epoch) % block
+    assert repeated == Counter(r for b in before[last_block:] for r in rows_of(b))

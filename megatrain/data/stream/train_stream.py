@@ -56,7 +56,7 @@ from megatrain.data.stream.mixture import Source
 from megatrain.data.stream.objectives import CausalLM, Objective, padded_batch
 from megatrain.data.stream.order import DocProducer, SkipEvent, SkipGuard, fresh_reader_state
 from megatrain.data.stream.packing import Packer, RowPacker, Window
-from megatrain.data.stream.row_shuffle import BLOCK, SKIP, RowShuffler
+from megatrain.data.stream.row_shuffle import BLOCK, DIGEST, SKIP, RowShuffler, block_start
 from megatrain.data.stream.shard_reader import DEFAULT_IO, ShardIO
 from megatrain.data.stream.tasks import SamplePacker, TaskObjective, TaskWindow
 from megatrain.errors import ConfigError, DataError
@@ -134,7 +134,7 @@ def make_packer(cfg: StreamConfig, state: dict[str, Any], reader: int,
     if cfg.shuffle_rows == 1:
         return packer
     return RowShuffler(packer, block=cfg.shuffle_rows, seed=cfg.seed,
-                       skip=int(state.get(SKIP, 0)))
+                       skip=int(state.get(SKIP, 0)), digest=state.get(DIGEST))
 
 
 def packer_for(producer: DocProducer, objective: Objective, rows: int, eos_id: int, *,
@@ -367,7 +367,7 @@ class TrainStream:
             skip = int(reader.get(SKIP, 0))
             if skip and not (same_layout and int(reader.get(BLOCK, 0)) == block > 1):
                 repeats.append(skip)
-                reader = {k: v for k, v in reader.items() if k not in (SKIP, BLOCK)}
+                reader = block_start(reader)
             out.append(reader)
         if repeats:
             log.warning(
