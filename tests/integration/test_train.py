@@ -71,8 +71,8 @@ def test_bad_input_fails_fast_with_a_message(tmp_path: Path, prepared_dir: Path,
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-VALID_EXPERIMENTS = ("valid: bert_cls_quickstart, bert_quickstart, quickstart, sft_quickstart, "
-                     "t5_quickstart")
+VALID_EXPERIMENTS = ("valid: bert_cls_quickstart, bert_quickstart, nanogpt_char, quickstart, "
+                     "sft_quickstart, t5_quickstart")
 
 
 @pytest.mark.parametrize("override, message", [
