@@ -32,6 +32,10 @@ def run_training(cfg: DictConfig, config: Config) -> dict[str, float]:
     world = detect_world()
     setup_console_logging(world.rank)
     device = init_distributed(world, config.trainer.collective_timeout_s)
+    if device.type == "cpu":
+        from megatrain.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     from megatrain.training.signals import StopSignals
     from megatrain.training.trainer import Trainer  # imports DeepSpeed: after DS_ACCELERATOR
 
