@@ -17,6 +17,7 @@ import sys
 from megatrain.cli.common import run_command
 from megatrain.config.compose import compose_config
 from megatrain.config.schema import Config
+from megatrain.config.validate import DEVICE_CHOSEN_PRECISIONS
 from megatrain.errors import EXIT_OK, ConfigError
 
 
@@ -43,8 +44,8 @@ def _notes(cfg: Config) -> list[str]:
                 "(data.vocab_size; set model.vocab_size to your tokenizer's)")]
     if cfg.model.init_from:
         notes.append("model.init_from is not read: the plan uses model.size and its dims")
-    if cfg.trainer.precision == "auto":
-        notes.append("trainer.precision=auto: bf16 assumed (a GPU that has it)")
+    if cfg.trainer.precision in DEVICE_CHOSEN_PRECISIONS:
+        notes.append(f"trainer.precision={cfg.trainer.precision}: bf16 assumed (a GPU that has it)")
     return notes
 
 

@@ -140,7 +140,9 @@ class TrainerConfig:
     epochs: Optional[int] = ranged(None, ge=1)
     micro_batch_size: int = ranged(8, ge=1)
     grad_accum_steps: int = ranged(1, ge=1)
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
+    # auto (bf16 on a GPU that has it, else fp32) | bf16_if_native (also bf16 on a CPU with
+    # AVX512-BF16 or AMX-BF16) | bf16 | fp16 | fp32
+    precision: str = "auto"
     grad_clip: float = ranged(1.0, ge=0)  # 0: no clipping
     seed: int = ranged(1234, ge=0)
     log_every: int = ranged(10, ge=1)

@@ -18,7 +18,9 @@ from megatrain.data import storage
 from megatrain.errors import ConfigError
 
 CONFIG_PACKAGE = "megatrain.configs"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16_if_native", "bf16", "fp16", "fp32")
+# The settings a GPU run resolves to bf16 where the GPU has it (megatrain.training.engine).
+DEVICE_CHOSEN_PRECISIONS = ("auto", "bf16_if_native")
 # Command-line flags that add config folders of the user's: their options are Hydra's to check.
 _USER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatrain.config.schema import Config, DeepSpeedConfig, ModelConfig
-from megatrain.config.validate import check_engine_setup
+from megatrain.config.validate import DEVICE_CHOSEN_PRECISIONS, check_engine_setup
 from megatrain.errors import ConfigError
 from megatrain.models.registry import get_model_spec, resolve_model_config
 from megatrain.models.spec import ActivationShape
@@ -435,11 +435,11 @@ def plan_memory(model_cfg: ModelConfig | Any, family: str, *, zero_stage: int, o
                 decoder_len: int | None = None, chunked_loss: str = "auto") -> MemoryPlan:
     """The memory plan of one training setup. ``model_cfg`` is a ``model`` config (a size and/or
     dims, resolved with ``vocab_size``) or an already resolved family config. ``precision`` auto
-    means bf16 (a GPU that has it)."""
+    (and bf16_if_native) means bf16 (a GPU that has it)."""
     check_engine_setup(zero_stage, offload_optimizer, offload_param, precision)
     if world_size < 1:
         raise ConfigError(f"world size {world_size} must be at least 1")
-    precision = "bf16" if precision == "auto" else precision
+    precision = "bf16" if precision in DEVICE_CHOSEN_PRECISIONS else precision
     config = _resolved(model_cfg, family, vocab_size)
     groups = model_param_groups(config, family)
     items = model_state_items(
