@@ -42,6 +42,8 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL(None)
     applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) == 1
-    if not applied:
+    if applied:
+        log.info("host memory: freed blocks kept for reuse (glibc mallopt)")
+    else:
         log.warning("host memory: glibc refused mallopt; large CPU tensors stay mmap'd")
     return applied
